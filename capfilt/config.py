@@ -1,0 +1,480 @@
+"""Pipeline configuration: one pydantic class per YAML section, and the loader.
+
+The YAML keys are a user-facing contract (see DESIGN.md "Contracts"), so every section
+forbids unknown keys: a typo such as ``top_q`` must fail loudly rather than silently run
+with the default. Every failure of :func:`load` is a :class:`capfilt.errors.UserError`
+whose message is one line naming the file or ``--set`` option, the field, and what is
+wrong, because the CLI prints it as-is and exits with code 2.
+
+The loader is generic (:func:`load_model`, :func:`apply_overrides`) so that other schemas,
+for example the bootstrap or training configs, reuse the same YAML + ``--set`` handling.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
+
+from capfilt.errors import UserError
+
+#: Columns the pipeline itself writes into ``samples/*.parquet``; ``input.keep_cols`` may
+#: not reuse these names, or a carried input column would silently overwrite (or be
+#: overwritten by) a pipeline column.
+RESERVED_COLUMNS: frozenset[str] = frozenset(
+    {
+        "key",
+        "url",
+        "web_text",
+        "status",
+        "error",
+        "image",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "sha256",
+        "synthetic_texts",
+        "web_itm",
+        "synthetic_itm",
+        "web_itc",
+        "synthetic_itc",
+        "web_kept",
+        "synthetic_kept",
+    }
+)
+
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+class _Section(BaseModel):
+    """Base of every section: unknown keys are errors, defaults are validated too.
+
+    ``coerce_numbers_to_str`` lets ``--set output.dir=2024`` or ``caption.model: 123``
+    mean the string the user typed, since YAML would otherwise hand us an int.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_default=True,
+        validate_assignment=True,
+        coerce_numbers_to_str=True,
+    )
+
+
+class InputConfig(_Section):
+    """Where the URL/text pairs come from and which columns hold what."""
+
+    path: str = Field(min_length=1, description="File, directory, glob or fsspec URL of the input.")
+    format: Literal["parquet", "csv", "tsv", "jsonl", "webdataset"] = Field(
+        default="parquet", description="webdataset = existing img2dataset tar shards with images."
+    )
+    url_col: str = Field(default="URL", min_length=1)
+    text_col: str = Field(default="TEXT", min_length=1)
+    keep_cols: list[str] = Field(
+        default_factory=list, description="Input columns copied unchanged into samples/*.parquet."
+    )
+    key_col: str | None = Field(
+        default=None,
+        description="Input column used as the sample key; None = '<file index>_<row index>'.",
+    )
+
+    @field_validator("keep_cols")
+    @classmethod
+    def _no_reserved_or_repeated(cls, cols: list[str]) -> list[str]:
+        clash = sorted(set(cols) & RESERVED_COLUMNS)
+        if clash:
+            raise ValueError(
+                f"{', '.join(clash)} would collide with a column the pipeline writes; rename the input column"
+            )
+        repeated = sorted({c for c in cols if cols.count(c) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} listed more than once")
+        return cols
+
+
+class DownloadConfig(_Section):
+    """Download and resize settings; names follow img2dataset's options of the same meaning."""
+
+    image_size: int = Field(default=384, ge=1)
+    resize_mode: Literal["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"] = "border"
+    timeout_s: float = Field(default=10.0, gt=0)
+    retries: int = Field(default=1, ge=0, description="Extra attempts after a transient failure.")
+    max_bytes: int = Field(default=20_000_000, ge=1, description="Bodies larger than this are too_large.")
+    min_image_size: int = Field(default=0, ge=0, description="Smaller side below this is too_small.")
+    user_agent_token: str | None = Field(
+        default="capfilt", description="Token in the User-Agent and matched by X-Robots-Tag."
+    )
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
+        description="X-Robots-Tag directives that opt an image out; [] disables the check.",
+    )
+    threads: int = Field(default=16, ge=1)
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(
+        default=95, ge=0, description="0-100 for jpg/webp; zlib level 0-9 for png (default 3 there)."
+    )
+
+    @field_validator("resize_mode", mode="before")
+    @classmethod
+    def _yaml_no_is_false(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as False; `resize_mode: no` means the mode "no".
+        return "no" if value is False else value
+
+    @field_validator("user_agent_token")
+    @classmethod
+    def _normalise_token(cls, value: str | None) -> str | None:
+        # img2dataset matches the token case-insensitively against X-Robots-Tag.
+        if value is None or not value.strip():
+            return None
+        return value.strip().lower()
+
+    @field_validator("disallowed_header_directives")
+    @classmethod
+    def _normalise_directives(cls, values: list[str]) -> list[str]:
+        return [v.strip().lower() for v in values if v.strip()]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _png_default_quality(cls, data: Any) -> Any:
+        # For png the "quality" is a zlib level (0-9), so the jpg default of 95 cannot apply.
+        if isinstance(data, dict) and data.get("encode_format") == "png" and "encode_quality" not in data:
+            return {**data, "encode_quality": 3}
+        return data
+
+    @model_validator(mode="after")
+    def _quality_in_range(self) -> DownloadConfig:
+        top = 9 if self.encode_format == "png" else 100
+        if self.encode_quality > top:
+            raise ValueError(
+                f"encode_quality {self.encode_quality} is out of range for {self.encode_format} (0-{top})"
+            )
+        return self
+
+
+class _ModelStage(_Section):
+    """Fields shared by the two model stages: which model(s) and how Ray should run them."""
+
+    model: str | None = Field(default=None, description="HF id, local HF BLIP dir or capfilt checkpoint.")
+    models: list[str] = Field(default_factory=list, description="Several models for an ensemble.")
+    batch_size: int = Field(default=64, ge=1)
+    dtype: Dtype = "auto"
+    num_gpus: float = Field(default=0, ge=0, description="GPUs per model replica (fractions allowed).")
+    concurrency: int = Field(default=1, ge=1, description="Number of model replicas (Ray actors).")
+
+    @model_validator(mode="after")
+    def _one_model_source(self) -> _ModelStage:
+        if self.model is None and not self.models:
+            raise ValueError("give model (one model) or models (an ensemble)")
+        if self.model is not None and self.models:
+            raise ValueError("give either model or models, not both")
+        if any(not m for m in self.models) or self.model == "":
+            raise ValueError("model names must not be empty")
+        return self
+
+    @property
+    def model_ids(self) -> list[str]:
+        """The model(s) to load, whichever of ``model``/``models`` was given."""
+        return [self.model] if self.model is not None else list(self.models)
+
+
+class CaptionConfig(_ModelStage):
+    """Captioner: K synthetic captions per image (nucleus sampling by default, as in BLIP).
+
+    With ``models`` (an ensemble) every model writes ``num_captions`` captions and the
+    sample's ``synthetic_texts`` is their union, in model order.
+    """
+
+    num_captions: int = Field(default=1, ge=1)
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    max_length: int = Field(default=30, ge=1)
+    min_length: int = Field(default=5, ge=0)
+    prompt: str = "a picture of "
+    seed: int = Field(default=0, ge=0)
+    repetition_penalty: float = Field(default=1.0, gt=0)
+    sample: bool = Field(default=True, description="True: nucleus sampling; False: beam search.")
+    num_beams: int = Field(default=3, ge=1, description="Used when sample is false.")
+
+    @model_validator(mode="after")
+    def _lengths_ordered(self) -> CaptionConfig:
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length ({self.min_length}) must not exceed max_length ({self.max_length})")
+        return self
+
+
+class FilterConfig(_ModelStage):
+    """Filter: ITM match probability for the web text and each synthetic caption.
+
+    With ``models`` (an ensemble) a text's score is the mean of the models' scores.
+    """
+
+    batch_size: int = Field(default=128, ge=1)
+    threshold: float = Field(default=0.5, ge=0, le=1, description="Keep a text when its ITM >= this.")
+    keep_web: bool = Field(default=True, description="Whether the web text may be kept at all.")
+    keep_synthetic: int = Field(default=1, ge=0, description="Keep at most this many synthetic captions.")
+    itc_column: bool = Field(
+        default=False, description="Also write ITC similarities (web_itc, synthetic_itc)."
+    )
+
+
+class OutputConfig(_Section):
+    """Where the run directory goes and how large its shards are."""
+
+    dir: str = Field(
+        default="runs/capfilt",
+        min_length=1,
+        description="Run directory; load() defaults it to runs/<config file stem>.",
+    )
+    rows_per_shard: int = Field(default=10_000, ge=1)
+
+
+class RayConfig(_Section):
+    """Ray connection: the only difference between a laptop and a cluster run."""
+
+    address: str | None = Field(default=None, description='None: start a local Ray; "auto": join a cluster.')
+
+
+class PipelineConfig(_Section):
+    """A whole ``capfilt run`` config. A null or absent caption/filter skips that stage."""
+
+    input: InputConfig
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    caption: CaptionConfig | None = None
+    filter: FilterConfig | None = None
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys, which PyYAML would silently let win."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = err.problem or err.context or "invalid YAML"
+        raise UserError(f"{where}: YAML syntax error: {problem}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{source}: YAML syntax error: {' '.join(str(err).split())}") from None
+
+
+def _parse_override(override: str) -> tuple[list[str], Any]:
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set {override}: expected SECTION.KEY=VALUE, e.g. caption.top_p=0.95")
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise UserError(f"--set {override}: empty name in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or "invalid YAML value"
+        raise UserError(f"--set {override}: cannot parse value {raw!r}: {problem}") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``a.b=value`` override applied in order.
+
+    The value is parsed as a YAML scalar or flow list (``0.95``, ``true``, ``null``,
+    ``[noai, noindex]``). Missing or null intermediate sections are created, so
+    ``--set caption.model=x`` turns on a stage the file left out. Names are not checked
+    here (this function knows no schema); :func:`load_model` does that.
+    """
+    result: dict[str, Any] = _deep_copy(data)
+    for override in overrides:
+        parts, value = _parse_override(override)
+        node = result
+        for depth, name in enumerate(parts[:-1]):
+            child = node.get(name)
+            if child is None:
+                child = node[name] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise UserError(f"--set {override}: {where} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def _check_override_sections(schema_cls: type[BaseModel], overrides: Sequence[str]) -> None:
+    sections = list(schema_cls.model_fields)
+    for override in overrides:
+        parts, _ = _parse_override(override)
+        if parts[0] not in sections:
+            hint = _did_you_mean(parts[0], sections)
+            raise UserError(
+                f"--set {override}: unknown section {parts[0]!r}{hint}; sections: {', '.join(sections)}"
+            )
+
+
+def _did_you_mean(name: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_at(schema_cls: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at ``loc`` (for 'did you mean')."""
+    model: Any = schema_cls
+    for name in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(str(name))
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _format_error(schema_cls: type[BaseModel], error: ErrorDetails) -> tuple[str, str]:
+    """(dotted field name, lower-case message) for one pydantic error."""
+    loc = tuple(error["loc"])
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        owner = _model_at(schema_cls, loc[:-1])
+        hint = _did_you_mean(str(loc[-1]), owner.model_fields) if owner else ""
+        return field, f"unknown key{hint}"
+    if kind == "missing":
+        return field, "required field is missing"
+    message = error["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if message.startswith(prefix):
+            message = message[len(prefix) :]
+    message = message[:1].lower() + message[1:]
+    message = message.split(", unable to", 1)[0]
+    if kind not in ("value_error", "assertion_error") and not isinstance(error.get("input"), dict):
+        message += f", got {_short(error.get('input'))}"
+    return field, message
+
+
+def _source_of(field: str, overrides: Sequence[str], default: str) -> str:
+    """Blame the ``--set`` that wrote ``field`` if one did, else the file."""
+    for override in reversed(overrides):
+        key = override.partition("=")[0].strip()
+        if field == key or field.startswith(key + "."):
+            return f"--set {override}"
+    return default
+
+
+def validate_data(schema_cls: type[M], data: Any, *, source: str, overrides: Sequence[str] = ()) -> M:
+    """Validate a parsed mapping against ``schema_cls``; errors become one-line UserErrors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(
+            f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}"
+        )
+    _check_override_sections(schema_cls, overrides)
+    data = apply_overrides(data, overrides)
+    try:
+        return schema_cls.model_validate(data)
+    except ValidationError as err:
+        # One line in all cases: errors are grouped by where they came from (file or --set).
+        by_source: dict[str, list[str]] = {}
+        for error in err.errors():
+            field, message = _format_error(schema_cls, error)
+            by_source.setdefault(_source_of(field, overrides, source), []).append(f"{field}: {message}")
+        raise UserError(
+            "; ".join(f"{where}: {'; '.join(items)}" for where, items in by_source.items())
+        ) from None
+
+
+def load_model_text(
+    schema_cls: type[M], text: str, *, source: str = "<string>", overrides: Sequence[str] = ()
+) -> M:
+    """Parse YAML ``text``, apply ``overrides`` and validate it as ``schema_cls``."""
+    return validate_data(schema_cls, _parse_yaml(text, source), source=source, overrides=tuple(overrides))
+
+
+def _read_text(path: str | Path) -> str:
+    file = Path(path)
+    if not file.exists():
+        raise UserError(f"{path}: config file not found")
+    if file.is_dir():
+        raise UserError(f"{path}: is a directory, expected a YAML config file")
+    try:
+        return file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read config file: {err}") from None
+
+
+def load_model(schema_cls: type[M], path: str | Path, overrides: Sequence[str] = ()) -> M:
+    """Load a YAML file as ``schema_cls`` with ``--set`` overrides (generic over schemas)."""
+    return load_model_text(schema_cls, _read_text(path), source=str(path), overrides=overrides)
+
+
+def _with_default_output_dir(data: Any, name: str) -> Any:
+    """Default ``output.dir`` to ``runs/<config name>`` so two configs never share a run dir."""
+    if isinstance(data, dict):
+        output = data.get("output")
+        if output is None:
+            data = {**data, "output": {"dir": f"runs/{name}"}}
+        elif isinstance(output, dict) and "dir" not in output:
+            data = {**data, "output": {**output, "dir": f"runs/{name}"}}
+    return data
+
+
+def loads(
+    text: str, overrides: Sequence[str] = (), *, source: str = "<string>", name: str = "capfilt"
+) -> PipelineConfig:
+    """Load a pipeline config from YAML text (e.g. the embedded demo config)."""
+    data = _with_default_output_dir(_parse_yaml(text, source), name)
+    return validate_data(PipelineConfig, data, source=source, overrides=tuple(overrides))
+
+
+def load(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Load a ``capfilt run`` config file; ``overrides`` are ``--set a.b=value`` strings.
+
+    ``output.dir`` defaults to ``runs/<file stem>``. Raises :class:`UserError` (one line)
+    on any problem: missing file, YAML syntax, unknown key, wrong type, out of range,
+    malformed or unknown ``--set``.
+    """
+    return loads(_read_text(path), overrides, source=str(path), name=Path(path).stem)
+
+
+def dump(config: BaseModel) -> str:
+    """The resolved config as YAML (written as RUN/config.yaml); ``load`` reads it back equal."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=1000)

@@ -1,0 +1,397 @@
+"""Read stage: input files -> a table of ``key``, ``url``, ``web_text`` (+ ``keep_cols``).
+
+Ray-free so it can be unit-tested and reused; ``capfilt/pipeline.py`` decides how to
+parallelise it (for example one task per file from :func:`list_input_files`, calling
+:func:`read_file` or :func:`read_webdataset_shard`).
+
+Normalisation every reader applies, so later stages can rely on it:
+
+* ``key`` is a string, unique within the input and stable across reruns: by default
+  ``"<file index:05d>_<row index:09d>"`` (file index in the sorted file list, row index
+  within the file), e.g. ``"00000_000000042"``; with ``input.key_col`` it is that column
+  as text, which must be non-empty, unique and free of ``/``, ``.``, ``\\`` and
+  whitespace, because keys become member names in webdataset tars (``KEY.jpg``).
+* ``url`` and ``web_text`` are strings, never null: a null becomes ``""``. Surrounding
+  whitespace is stripped from URLs. A bad or empty URL is not an error here; the
+  download stage gives that row the status ``invalid_url``. An empty text is not a
+  reason to drop a row either (the captioner still writes synthetic captions).
+* ``web_text`` is cut to :data:`MAX_TEXT_CHARS` characters (Unicode code points): web
+  alt-texts occasionally hold whole pages, and no captioning model reads that far.
+* Invalid UTF-8 in the URL or text column of a CSV/TSV file is replaced by U+FFFD
+  rather than failing the run.
+
+Problems with the input itself (missing path, missing column, unreadable file,
+duplicate keys) raise :class:`capfilt.errors.UserError` naming the path or column.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from collections.abc import Iterator
+from pathlib import PurePosixPath
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from capfilt.config import InputConfig
+from capfilt.errors import UserError
+
+#: Web texts longer than this many characters are truncated (see the module docstring).
+MAX_TEXT_CHARS = 2000
+
+#: File name endings picked up when ``input.path`` is a directory, per format.
+SUFFIXES: dict[str, tuple[str, ...]] = {
+    "parquet": (".parquet", ".pq", ".parq"),
+    "csv": (".csv", ".csv.gz", ".csv.bz2", ".csv.xz", ".csv.zst"),
+    "tsv": (".tsv", ".tsv.gz", ".tsv.bz2", ".tsv.xz", ".tsv.zst", ".txt"),
+    "jsonl": (".jsonl", ".jsonl.gz", ".json", ".ndjson", ".jsonl.bz2", ".jsonl.xz", ".jsonl.zst"),
+    "webdataset": (".tar",),
+}
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_BAD_KEY_CHARS = re.compile(r"[/\\.\s]")
+
+
+def make_key(file_index: int, row_index: int) -> str:
+    """The default sample key, e.g. ``make_key(0, 42) == "00000_000000042"``."""
+    return f"{file_index:05d}_{row_index:09d}"
+
+
+# --------------------------------------------------------------------------- files
+
+
+def list_input_files(path: str, fmt: str) -> list[str]:
+    """Sorted files behind ``path``: a file, a directory (searched recursively for the
+    format's suffixes), a glob, or a brace pattern like ``shards/{00000..00009}.tar``;
+    local or any fsspec URL. The sorted order defines the file index in default keys.
+    """
+    if "{" in path:
+        from braceexpand import braceexpand  # installed with webdataset
+
+        files = [f for pattern in braceexpand(path) for f in list_input_files(pattern, fmt)]
+        return sorted(dict.fromkeys(files))
+    try:
+        fs, root = fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError) as err:
+        raise UserError(f"input.path: cannot open {path!r}: {err}") from None
+    if any(ch in root for ch in "*?["):
+        found = [f for f in fs.glob(root) if fs.isfile(f)]
+    elif fs.isdir(root):
+        suffixes = SUFFIXES[fmt]
+        found = [f for f in fs.find(root) if f.lower().endswith(suffixes) and not _hidden(f, root)]
+        if not found:
+            raise UserError(f"input.path: no {', '.join(suffixes)} files in directory {path}")
+    elif fs.exists(root):
+        found = [root]
+    else:
+        raise UserError(f"input.path: {path} does not exist")
+    if not found:
+        raise UserError(f"input.path: no files match {path}")
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    return sorted(f if local else fs.unstrip_protocol(f) for f in found)
+
+
+def _hidden(file: str, root: str) -> bool:
+    """Skip ``.hidden`` and ``_SUCCESS``-style files that Spark and friends leave behind."""
+    relative = PurePosixPath(file[len(root) :].lstrip("/"))
+    return any(part.startswith((".", "_")) for part in relative.parts)
+
+
+# --------------------------------------------------------------------------- columns
+
+
+def _missing_column(kind: str, name: str, file: str, available: list[str]) -> UserError:
+    return UserError(
+        f"input.{kind}: column {name!r} not found in {file}; available columns: {', '.join(available) or '(none)'}"
+    )
+
+
+def _as_text(column: pa.ChunkedArray | pa.Array, *, name: str, file: str) -> pa.ChunkedArray:
+    """Any scalar column as a non-null UTF-8 string column (invalid UTF-8 replaced)."""
+    if isinstance(column, pa.Array):
+        column = pa.chunked_array([column])
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        column = column.cast(kind.value_type)
+        kind = column.type
+    if pa.types.is_null(kind):
+        column = pa.chunked_array([pa.nulls(len(column), pa.string())])
+    elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        try:
+            column = column.cast(pa.string())
+        except pa.ArrowInvalid:  # not valid UTF-8 somewhere: decode value by value
+            values = [None if v is None else v.decode("utf-8", errors="replace") for v in column.to_pylist()]
+            column = pa.chunked_array([pa.array(values, pa.string())])
+    elif pa.types.is_large_string(kind):
+        column = column.cast(pa.string())
+    elif not pa.types.is_string(kind):
+        try:
+            column = column.cast(pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise UserError(f"{name}: column in {file} has type {kind}, expected text") from None
+    return pc.fill_null(column, "")
+
+
+def _table_columns(table: pa.Table, cfg: InputConfig, *, file: str, file_index: int) -> pa.Table:
+    """Select and normalise the columns of one file's table (see the module docstring)."""
+    available = table.column_names
+    for kind, name in (("url_col", cfg.url_col), ("text_col", cfg.text_col), ("key_col", cfg.key_col)):
+        if name is not None and name not in available:
+            raise _missing_column(kind, name, file, available)
+    for name in cfg.keep_cols:
+        if name not in available:
+            raise _missing_column("keep_cols", name, file, available)
+
+    url = pc.utf8_trim_whitespace(_as_text(table[cfg.url_col], name="input.url_col", file=file))
+    text = _as_text(table[cfg.text_col], name="input.text_col", file=file)
+    text = pc.utf8_slice_codeunits(text, 0, MAX_TEXT_CHARS)  # code points, despite the name
+    if cfg.key_col is None:
+        key = pa.array([make_key(file_index, i) for i in range(table.num_rows)], pa.string())
+    else:
+        key = _checked_keys(table[cfg.key_col], cfg.key_col, file)
+    columns: dict[str, Any] = {"key": key, "url": url, "web_text": text}
+    for name in cfg.keep_cols:
+        columns[name] = table[name]
+    return pa.table(columns)
+
+
+def _checked_keys(column: pa.ChunkedArray, name: str, file: str) -> pa.ChunkedArray:
+    if column.null_count:
+        row = column.to_pylist().index(None)
+        raise UserError(f"input.key_col: column {name!r} is null in row {row} of {file}")
+    keys = _as_text(column, name="input.key_col", file=file)
+    for row, key in enumerate(keys.to_pylist()):
+        if not key or _BAD_KEY_CHARS.search(key):
+            raise UserError(
+                f"input.key_col: key {key!r} in row {row} of {file} is empty or contains '/', '\\', '.' "
+                "or whitespace (keys name files in the output tars)"
+            )
+    return keys
+
+
+def _check_unique(keys: pa.ChunkedArray | pa.Array, where: str, *, field: str = "input.key_col") -> None:
+    """Keys must be unique: they name output files and join samples to images."""
+    counts = pc.value_counts(keys)
+    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        first = repeated[0].as_py()
+        raise UserError(f"{field}: key {first['values']!r} occurs {first['counts']} times in {where}")
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _read_raw(file: str, cfg: InputConfig) -> pa.Table:
+    """One file as an Arrow table, every column as the format gives it."""
+    with fsspec.open(file, "rb", compression="infer") as stream:
+        if cfg.format == "parquet":
+            parquet = pq.ParquetFile(stream)
+            available = parquet.schema_arrow.names
+            wanted = [cfg.url_col, cfg.text_col, *([cfg.key_col] if cfg.key_col else []), *cfg.keep_cols]
+            for name in wanted:
+                if name not in available:
+                    kind = _kind_of(name, cfg)
+                    raise _missing_column(kind, name, file, available)
+            return parquet.read(columns=list(dict.fromkeys(wanted)))
+        if cfg.format in ("csv", "tsv"):
+            tsv = cfg.format == "tsv"
+            return pacsv.read_csv(
+                stream,
+                parse_options=pacsv.ParseOptions(
+                    delimiter="\t" if tsv else ",",
+                    # TSV files of web captions (CC3M, ...) are not quoted: a '"' is text.
+                    quote_char=False if tsv else '"',
+                    newlines_in_values=not tsv,
+                ),
+                # Read the text columns as bytes so invalid UTF-8 is replaced, not fatal.
+                convert_options=pacsv.ConvertOptions(
+                    column_types={cfg.url_col: pa.binary(), cfg.text_col: pa.binary()},
+                    strings_can_be_null=True,
+                ),
+            )
+        if cfg.format == "jsonl":
+            return pajson.read_json(stream)
+    raise ValueError(f"_read_raw does not read format {cfg.format!r}")  # webdataset has its own reader
+
+
+def _kind_of(name: str, cfg: InputConfig) -> str:
+    if name == cfg.url_col:
+        return "url_col"
+    if name == cfg.text_col:
+        return "text_col"
+    if name == cfg.key_col:
+        return "key_col"
+    return "keep_cols"
+
+
+def read_file(file: str, file_index: int, cfg: InputConfig) -> pa.Table:
+    """Read one parquet/csv/tsv/jsonl file into ``key``, ``url``, ``web_text`` (+ keep_cols)."""
+    try:
+        raw = _read_raw(file, cfg)
+    except UserError:
+        raise
+    except (OSError, pa.ArrowException, json.JSONDecodeError, EOFError) as err:
+        raise UserError(
+            f"input.path: cannot read {file} as {cfg.format}: {' '.join(str(err).split())[:300]}"
+        ) from None
+    table = _table_columns(raw, cfg, file=file, file_index=file_index)
+    if cfg.key_col is not None:
+        _check_unique(table["key"], file)
+    return table
+
+
+def check_input(cfg: InputConfig) -> list[str]:
+    """Cheap up-front check for ``capfilt validate``: the input files and their columns.
+
+    Lists the files behind ``cfg.path`` and checks the first one has the configured
+    columns (a parquet file's schema only; a text file is read, as it has no schema).
+    Returns the file list; raises :class:`UserError` like the readers would.
+    """
+    files = list_input_files(cfg.path, cfg.format)
+    first = files[0]
+    if cfg.format == "parquet":
+        try:
+            with fsspec.open(first, "rb") as stream:
+                available = pq.ParquetFile(stream).schema_arrow.names
+        except (OSError, pa.ArrowException) as err:
+            raise UserError(
+                f"input.path: cannot read {first} as parquet: {' '.join(str(err).split())[:300]}"
+            ) from None
+        wanted = [cfg.url_col, cfg.text_col, *([cfg.key_col] if cfg.key_col else []), *cfg.keep_cols]
+        for name in wanted:
+            if name not in available:
+                raise _missing_column(_kind_of(name, cfg), name, first, available)
+    elif cfg.format != "webdataset":
+        read_file(first, 0, cfg)
+    return files
+
+
+def read_table(path: str, cfg: InputConfig) -> pa.Table:
+    """Read every input file behind ``path`` (format from ``cfg``) into one table.
+
+    For ``format: webdataset`` this is :func:`read_webdataset`.
+    """
+    if cfg.format == "webdataset":
+        return read_webdataset(path, cfg)
+    files = list_input_files(path, cfg.format)
+    tables = [read_file(file, index, cfg) for index, file in enumerate(files)]
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    if cfg.key_col is not None and len(tables) > 1:
+        _check_unique(table["key"], path)
+    return table
+
+
+# --------------------------------------------------------------------------- webdataset
+
+
+def _tar_samples(stream: Any, file: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample, in tar order; a sample's files are adjacent."""
+    current: str | None = None
+    parts: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = PurePosixPath(member.name).name
+                if name.startswith(".") or "." not in name:
+                    continue
+                key, extension = name.split(".", 1)
+                data = tar.extractfile(member)
+                payload = data.read() if data is not None else b""
+                if key != current:
+                    if current is not None:
+                        yield current, parts
+                    current, parts = key, {}
+                parts[extension.lower()] = payload
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise UserError(f"input.path: cannot read {file} as a webdataset tar: {err}") from None
+    if current is not None:
+        yield current, parts
+
+
+def read_webdataset_shard(file: str, shard_index: int, cfg: InputConfig) -> pa.Table:
+    """One img2dataset tar shard as ``key``, ``url``, ``web_text``, ``image`` (+ keep_cols).
+
+    ``image`` holds the shard's encoded image (jpg/jpeg/png/webp member) so the download
+    stage only decodes and resizes it; a sample without one gets ``b""`` and is then
+    downloaded from its URL. The text is the ``.txt`` member, else ``json[text_col]``
+    or ``json["caption"]``; the URL is ``json[url_col]`` or ``json["url"]``. The key is
+    the tar member name (img2dataset's key) unless ``key_col`` names a json field.
+    ``keep_cols`` are json fields (null where a sample lacks one). ``shard_index`` is
+    unused but kept so every reader has the same signature.
+    """
+    del shard_index
+    rows: dict[str, list[Any]] = {"key": [], "url": [], "web_text": [], "image": []}
+    extra: dict[str, list[Any]] = {name: [] for name in cfg.keep_cols}
+    with fsspec.open(file, "rb") as stream:
+        for key, parts in _tar_samples(stream, file):
+            meta = _json_of(parts.get("json"), file, key)
+            text = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else None
+            if text is None:
+                text = meta.get(cfg.text_col, meta.get("caption"))
+            url = meta.get(cfg.url_col, meta.get("url"))
+            if cfg.key_col is not None:
+                if meta.get(cfg.key_col) is None:
+                    raise UserError(
+                        f"input.key_col: json field {cfg.key_col!r} missing for sample {key} in {file}"
+                    )
+                key = str(meta[cfg.key_col])
+            image = next((parts[ext] for ext in IMAGE_EXTENSIONS if ext in parts), b"")
+            rows["key"].append(key)
+            rows["url"].append(None if url is None else str(url))
+            rows["web_text"].append(None if text is None else str(text))
+            rows["image"].append(image)
+            for name in cfg.keep_cols:
+                extra[name].append(meta.get(name))
+    keys = pa.array(rows["key"], pa.string())
+    for row, key in enumerate(rows["key"]):
+        if not key or _BAD_KEY_CHARS.search(key):
+            raise UserError(
+                f"{_wds_key_field(cfg)}: key {key!r} of sample {row} in {file} is empty or contains "
+                "'/', '\\', '.' or whitespace"
+            )
+    table = pa.table(
+        {
+            "key": keys,
+            "url": pc.utf8_trim_whitespace(pc.fill_null(pa.array(rows["url"], pa.string()), "")),
+            "web_text": pc.utf8_slice_codeunits(
+                pc.fill_null(pa.array(rows["web_text"], pa.string()), ""), 0, MAX_TEXT_CHARS
+            ),
+            "image": pa.array(rows["image"], pa.binary()),
+            **{name: pa.array(values) for name, values in extra.items()},
+        }
+    )
+    _check_unique(table["key"], file, field=_wds_key_field(cfg))
+    return table
+
+
+def _wds_key_field(cfg: InputConfig) -> str:
+    return "input.key_col" if cfg.key_col is not None else "input.path (webdataset member names)"
+
+
+def _json_of(payload: bytes | None, file: str, key: str) -> dict[str, Any]:
+    if payload is None:
+        return {}
+    try:
+        value = json.loads(payload.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"input.path: {file}: {key}.json is not valid JSON: {err}") from None
+    return value if isinstance(value, dict) else {}
+
+
+def read_webdataset(path: str, cfg: InputConfig) -> pa.Table:
+    """Read every tar shard behind ``path`` (see :func:`read_webdataset_shard`)."""
+    files = list_input_files(path, "webdataset")
+    tables = [read_webdataset_shard(file, index, cfg) for index, file in enumerate(files)]
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    if len(tables) > 1:
+        _check_unique(table["key"], path, field=_wds_key_field(cfg))
+    return table

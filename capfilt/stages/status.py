@@ -1,0 +1,55 @@
+"""The one status enum of a sample: what happened to an input row.
+
+Every input row ends up in ``samples/*.parquet`` with exactly one of these values in its
+``status`` column (and a human-readable ``error``, empty when ok), so failures are data
+rather than crashes or silently missing rows. The stored value is the member's string.
+
+Decisions recorded here because the README lists them:
+
+* Duplicate URLs are not a status. Each row downloads independently, so every row is
+  accounted for on its own and the result does not depend on how rows were batched or
+  distributed. Content duplicates (also across different URLs) can be found afterwards
+  from the ``sha256`` column the download stage writes.
+* An empty or missing web text is not a status either: the image is still worth
+  captioning, and the captioner writes synthetic captions for it. The row keeps
+  ``web_text == ""`` and later stages never keep an empty web text.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Status(StrEnum):
+    """Outcome of one sample; a ``str`` subclass, so ``Status.ok == "ok"`` as stored in parquet.
+
+    ``Status.X.description`` is the one-line explanation the README and reports print.
+    """
+
+    ok = "ok"
+    invalid_url = "invalid_url"
+    download_failed = "download_failed"
+    opted_out = "opted_out"
+    decode_failed = "decode_failed"
+    too_small = "too_small"
+    too_large = "too_large"
+    caption_failed = "caption_failed"
+    filter_failed = "filter_failed"
+
+    @property
+    def description(self) -> str:
+        """One line saying when a row gets this status."""
+        return _DESCRIPTIONS[self]
+
+
+_DESCRIPTIONS: dict[Status, str] = {
+    Status.ok: "image downloaded, decoded and resized; the model stages that ran succeeded",
+    Status.invalid_url: "URL empty, null, unparsable or not http(s) (file://, ftp://, data: are refused)",
+    Status.download_failed: "HTTP error status, timeout, redirect loop or too many redirects, network error",
+    Status.opted_out: "the X-Robots-Tag response header carries a disallowed directive (noai, noimageai, ...)",
+    Status.decode_failed: "body empty, not an image, truncated or corrupt",
+    Status.too_small: "the image's smaller side is below download.min_image_size",
+    Status.too_large: "body over download.max_bytes, or too many pixels to decode safely (decompression bomb)",
+    Status.caption_failed: "the captioner raised on this sample (its image was fine)",
+    Status.filter_failed: "the filter raised on this sample (its image and captions were fine)",
+}
