@@ -170,6 +170,43 @@ def eval_(
     typer.echo(text)
 
 
+# --------------------------------------------------------------------------- results
+
+
+@app.command()
+@_user_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (capfilt run) or a bootstrap directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory for the exported dataset.")],
+    format_: Annotated[str, typer.Option("--format", help="webdataset | parquet | jsonl")] = "webdataset",
+    round_: Annotated[int | None, typer.Option("--round", help="Bootstrap round (default: the latest).")] = None,
+    rows_per_shard: Annotated[int, typer.Option(help="Pairs per output shard.")] = 10_000,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing export in --out.")] = False,
+):
+    """Export the cleaned pairs (image, text, source, score) with a dataset card."""
+    from capfilt import export as exportmod
+
+    summary = exportmod.export(
+        run_dir, out, format=format_, round=round_, rows_per_shard=rows_per_shard, overwrite=overwrite
+    )
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
+@_user_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory or a bootstrap directory.")],
+    out: Annotated[Path | None, typer.Option("--out", help="HTML path (default RUN/report.html).")] = None,
+    round_: Annotated[int | None, typer.Option("--round", help="Bootstrap round (default: the latest).")] = None,
+    samples: Annotated[int, typer.Option(help="Example pairs per section.")] = 48,
+):
+    """Write one self-contained HTML report: what was kept, what was removed, and why."""
+    from capfilt import report as reportmod
+
+    path = reportmod.build_report(run_dir, out, samples_per_section=samples, round=round_)
+    typer.echo(str(path))
+
+
 # --------------------------------------------------------------------------- model
 
 
