@@ -1,0 +1,233 @@
+"""MED behaviour: sharing, losses and state updates, checkpoints, generation contracts."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from model.med import MED, CheckpointError, MEDConfig, counter_uniform, parameter_counts
+from model.tokenizer import special_ids, train_tokenizer
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+SMALL = dict(
+    image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2, vision_intermediate=64,
+    vocab_size=60, text_width=32, text_layers=2, text_heads=2, text_intermediate=64, max_position_embeddings=40,
+    pad_token_id=0, cls_token_id=2, sep_token_id=3, bos_token_id=58, enc_token_id=59, embed_dim=16, queue_size=8,
+)
+
+
+def small_med(**changes) -> MED:
+    torch.manual_seed(0)
+    return MED(MEDConfig.preset("tiny").replace(**{**SMALL, **changes}))
+
+
+def batch(n: int = 4, length: int = 7, vocab: int = 60):
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.randn(n, 3, 32, 32, generator=gen)
+    ids = torch.randint(5, vocab - 2, (n, length), generator=gen)
+    ids[:, 0] = 2
+    mask = torch.ones_like(ids)
+    ids[0, -2:] = 0  # one padded row
+    mask[0, -2:] = 0
+    return pixels, ids, mask
+
+
+def test_presets_load_and_validate():
+    for name in ("tiny", "base", "large"):
+        cfg = MEDConfig.preset(name)
+        assert cfg.image_size % cfg.patch_size == 0
+    assert MEDConfig.preset("large").vision_width == 1024
+    with pytest.raises(ValueError, match="available: base, large, tiny"):
+        MEDConfig.preset("huge")
+    with pytest.raises(ValueError, match="unknown MEDConfig field"):
+        MEDConfig.from_dict({"image_sise": 3})
+    with pytest.raises(ValueError, match="not divisible by text_heads"):
+        MEDConfig.preset("tiny").replace(text_heads=5)
+    cfg = MEDConfig.from_dict({"_note": "ignored", **MEDConfig.preset("tiny").to_dict()})
+    assert cfg == MEDConfig.preset("tiny")
+
+
+def test_encoder_decoder_share_all_but_self_attention():
+    med = small_med()
+    enc, dec = med.text_encoder, med.text_decoder.bert
+    assert dec.embeddings is enc.embeddings
+    for le, ld in zip(enc.encoder.layer, dec.encoder.layer, strict=True):
+        assert ld.crossattention is le.crossattention
+        assert ld.intermediate is le.intermediate and ld.output is le.output
+        assert ld.attention is not le.attention
+        assert ld.attention.self.query.weight is not le.attention.self.query.weight
+        assert ld.attention.output.LayerNorm.weight is not le.attention.output.LayerNorm.weight
+    head = med.text_decoder.cls.predictions
+    assert head.decoder.weight is enc.embeddings.word_embeddings.weight  # tied, as HF
+    assert head.bias is head.decoder.bias
+    # Momentum copies are separate tensors that never train.
+    assert med.text_encoder_m.embeddings.word_embeddings.weight is not enc.embeddings.word_embeddings.weight
+    assert not any(p.requires_grad for p in med.vision_model_m.parameters())
+    counts = parameter_counts(med)
+    trainable = sum(v for k, v in counts.items() if k not in ("momentum", "total_trainable"))
+    assert counts["total_trainable"] == trainable == sum(p.numel() for p in med.parameters() if p.requires_grad)
+
+
+def test_forward_losses_gradients_and_state_updates():
+    med = small_med()
+    med.train()
+    pixels, ids, mask = batch()
+    with torch.no_grad():
+        med.temp.fill_(0.9)  # out of range: forward clamps it to 0.5
+    before_m = med.vision_proj_m.weight.clone()
+    out = med(pixels, ids, mask, prompt_length=2, alpha=0.2)
+    assert set(out) == {"loss_itc", "loss_itm", "loss_lm"}
+    assert all(torch.isfinite(v) for v in out.values())
+    assert med.temp.item() == pytest.approx(0.5)
+    sum(out.values()).backward()
+    assert med.itm_head.weight.grad is not None and med.text_decoder.cls.predictions.transform.dense.weight.grad is not None
+    assert med.text_encoder.encoder.layer[0].crossattention.self.key.weight.grad is not None
+    # Momentum: m * p_m + (1 - m) * p with p_m == p initially leaves it unchanged; queue advanced.
+    torch.testing.assert_close(med.vision_proj_m.weight, before_m)
+    assert int(med.queue_ptr) == 4
+    feats = torch.nn.functional.normalize(med.vision_proj_m(med.vision_model_m(pixels)[:, 0]), dim=-1)
+    torch.testing.assert_close(med.image_queue[:, :4], feats.T.detach(), atol=1e-5, rtol=1e-4)
+
+    only_lm = med(pixels, ids, mask, losses=("lm",))
+    assert set(only_lm) == {"loss_lm"} and int(med.queue_ptr) == 4
+    med.eval()
+    med(pixels, ids, mask, losses=("itc",))
+    assert int(med.queue_ptr) == 4  # no queue update outside training
+    with pytest.raises(ValueError, match="subset of itc, itm, lm"):
+        med(pixels, ids, mask, losses=("mlm",))
+
+
+def test_momentum_update_and_queue_divisibility():
+    med = small_med(momentum=0.5)
+    with torch.no_grad():
+        med.vision_proj.weight.add_(1.0)
+    expected = 0.5 * med.vision_proj_m.weight + 0.5 * med.vision_proj.weight
+    med.momentum_update()
+    torch.testing.assert_close(med.vision_proj_m.weight, expected)
+    with pytest.raises(ValueError, match="divisible"):
+        med.dequeue_and_enqueue(torch.zeros(3, 16), torch.zeros(3, 16))
+    med.dequeue_and_enqueue(torch.ones(4, 16), torch.ones(4, 16), torch.tensor([7, 7, 8, 9]))
+    med.dequeue_and_enqueue(torch.ones(4, 16), torch.ones(4, 16), torch.tensor([1, 2, 3, 4]))
+    assert int(med.queue_ptr) == 0 and med.idx_queue.tolist() == [[7, 7, 8, 9, 1, 2, 3, 4]]
+
+
+def test_save_load_round_trip_includes_momentum_queues_and_tokenizer(tmp_path):
+    tok = train_tokenizer(["a dog on grass", "a cat on a couch", "a red bus"] * 3, vocab_size=60)
+    med = small_med(**special_ids(tok))
+    med.train()
+    med(*batch(vocab=len(tok)))  # moves queues and pointer away from their initial values
+    with torch.no_grad():
+        med.text_encoder_m.encoder.layer[0].attention.self.query.weight.add_(0.5)
+    med.save(tmp_path / "ck", tokenizer=tok)
+    loaded, tok2 = MED.load(tmp_path / "ck")
+    assert loaded.config == med.config and tok2 is not None and len(tok2) == len(tok)
+    for (name, a), (_, b) in zip(med.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    # Sharing survives the round trip (safetensors stored the shared tensors once).
+    assert loaded.text_decoder.bert.encoder.layer[1].output is loaded.text_encoder.encoder.layer[1].output
+    assert loaded.text_decoder.cls.predictions.decoder.weight is loaded.text_encoder.embeddings.word_embeddings.weight
+
+
+def test_pickle_only_checkpoint_is_refused_without_flag(tmp_path):
+    med = small_med()
+    med.save(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(med.state_dict(), tmp_path / "weights.pt")
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        MED.load(tmp_path)
+    loaded, _ = MED.load(tmp_path, allow_pickle=True)
+    assert torch.equal(loaded.image_queue, med.image_queue)
+    with pytest.raises(CheckpointError, match="med_config.json"):
+        MED.load(tmp_path / "missing")
+
+
+def test_seeded_sampling_is_row_wise_and_image_major():
+    med = small_med().eval()
+    pixels, _, _ = batch(4)
+    seeds = torch.tensor([11, 22, 33, 44])
+    kwargs = dict(prompt_ids=[7, 8], num_captions=3, top_p=0.9, max_length=12, min_length=4)
+    all_rows = med.generate(pixels, seeds=seeds, **kwargs)
+    assert all_rows.shape[0] == 12
+    for i in range(4):
+        alone = med.generate(pixels[i : i + 1], seeds=seeds[i : i + 1], **kwargs)
+        width = alone.shape[1]
+        assert torch.equal(all_rows[3 * i : 3 * i + 3, :width], alone)  # image-major, batch-independent
+        assert (all_rows[3 * i : 3 * i + 3, width:] == med.config.pad_token_id).all()
+    # Different caption indices and seeds draw different captions; the same seed repeats exactly.
+    assert not torch.equal(all_rows[0], all_rows[1])
+    assert torch.equal(med.generate(pixels, seeds=seeds, **kwargs), all_rows)
+    different = med.generate(pixels, seeds=seeds + 1, **kwargs)
+    assert not torch.equal(different, all_rows)
+
+
+def test_generation_stops_at_sep_after_min_length_and_pads():
+    med = small_med().eval()
+    with torch.no_grad():
+        med.text_decoder.cls.predictions.bias[3] = 1e4  # [SEP] always wins once allowed
+    pixels, _, _ = batch(2)
+    for kwargs in (dict(sample=True, seeds=torch.tensor([1, 2])), dict(sample=False, num_beams=1),
+                   dict(sample=False, num_beams=3, num_captions=2)):
+        out = med.generate(pixels, prompt_ids=[7, 8, 9], max_length=20, min_length=6, **kwargs)
+        # [DEC] + 3 prompt tokens = 4; min_length 6 forces 2 new tokens before [SEP].
+        assert out.shape[1] == 3, kwargs
+        assert (out[:, 2] == 3).all() and (out[:, :2] != 3).all()
+
+
+def test_beam_search_returns_k_best_per_image():
+    med = small_med().eval()
+    pixels, _, _ = batch(2)
+    out = med.generate(pixels, prompt_ids=[], sample=False, num_beams=3, num_captions=3, max_length=8, min_length=1)
+    assert out.shape[0] == 6 and out.shape[1] <= 7
+    assert len({tuple(r.tolist()) for r in out[:3]}) == 3  # distinct beams
+    with pytest.raises(ValueError, match="at most num_beams"):
+        med.generate(pixels, prompt_ids=[], sample=False, num_beams=2, num_captions=3)
+    with pytest.raises(ValueError, match="leaves no room"):
+        med.generate(pixels, prompt_ids=[5, 6], max_length=3)
+
+
+def test_unseeded_sampling_uses_generator_and_repetition_penalty_changes_output():
+    med = small_med().eval()
+    pixels, _, _ = batch(2)
+    kwargs = dict(prompt_ids=[7], max_length=10, min_length=2)
+    a = med.generate(pixels, generator=torch.Generator().manual_seed(5), **kwargs)
+    b = med.generate(pixels, generator=torch.Generator().manual_seed(5), **kwargs)
+    assert torch.equal(a, b)
+    with torch.no_grad():
+        med.text_decoder.cls.predictions.bias[20] = 3.0  # greedy now repeats token 20
+    greedy = med.generate(pixels, sample=False, num_beams=1, **kwargs)
+    assert (greedy == 20).sum(dim=1).min() > 1
+    penalised = med.generate(pixels, sample=False, num_beams=1, repetition_penalty=50.0, **kwargs)
+    assert not torch.equal(greedy, penalised)
+    for row in penalised:  # a huge penalty forbids repeats of any token already present
+        toks = [t for t in row.tolist() if t != 0]
+        assert len(toks) == len(set(toks)) and 7 not in toks
+
+
+def test_counter_uniform_is_a_pure_uniform_function():
+    seeds = torch.arange(20000)
+    u = counter_uniform(seeds, torch.zeros_like(seeds), 3)
+    assert u.dtype == torch.float64 and 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    assert torch.equal(u[5:6], counter_uniform(seeds[5:6], torch.zeros(1, dtype=torch.long), 3))
+    assert not torch.equal(u, counter_uniform(seeds, torch.ones_like(seeds), 3))
+    assert not torch.equal(u, counter_uniform(seeds, torch.zeros_like(seeds), 4))
+    big = torch.tensor([-(2**63), 2**63 - 1])
+    assert torch.isfinite(counter_uniform(big, torch.zeros(2, dtype=torch.long), 0)).all()
+
+
+def test_tiny_preset_trains_one_step_on_cpu():
+    torch.manual_seed(0)
+    med = MED(MEDConfig.preset("tiny")).train()
+    cfg = med.config
+    pixels = torch.randn(4, 3, cfg.image_size, cfg.image_size)
+    ids = torch.randint(5, 3990, (4, 12))
+    ids[:, 0] = cfg.cls_token_id
+    opt = torch.optim.AdamW([p for p in med.parameters() if p.requires_grad], lr=1e-4)
+    loss = sum(med(pixels, ids, torch.ones_like(ids)).values())
+    loss.backward()
+    before = med.itm_head.weight.detach().clone()
+    opt.step()
+    assert torch.isfinite(loss) and not torch.equal(before, med.itm_head.weight)
