@@ -94,11 +94,11 @@ def validate(
 @_user_errors
 def synth(
     out: Annotated[Path, typer.Argument(help="Output directory for the synthetic corpus.")],
-    images: Annotated[int, typer.Option(help="Number of web images (human and test splits scale with it).")] = 2000,
+    images: Annotated[int, typer.Option(help="Number of web images; human images default to a third of this, test images to a tenth (at least 100).")] = 2000,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same bytes.")] = 0,
     noise: Annotated[float, typer.Option(help="Share of noisy web texts (mismatched, junk, wrong attribute).")] = 0.4,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 96,
-    human: Annotated[int | None, typer.Option(help="Human-annotated images (default: half of --images).")] = None,
+    human: Annotated[int | None, typer.Option(help="Human-captioned images (default: a third of --images).")] = None,
     test: Annotated[int | None, typer.Option(help="Held-out test images (default: a tenth of --images, >= 100).")] = None,
 ):
     """Render the procedural image-text world: human, web (with noise labels) and test splits."""
