@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -90,6 +91,9 @@ class MEDConfig:
     label_smoothing: float = 0.1  # LM label smoothing as BLIP pre-training (HF's default is 0.0)
     itm_use_enc_token: bool = True  # BLIP puts [ENC] at position 0 for ITM; HF's retrieval model does not
     prompt: str = "a picture of "  # BLIP's captioning prompt; its tokens are masked in LM labels
+    # initialisation (only for models trained from scratch; imported weights overwrite it)
+    init_std: float = 0.02  # N(0, init_std) weights as BERT/ViT; narrow models need more: at 0.02 and
+    # width 192 the attention paths start near zero, so every text's [CLS] feature starts identical
 
     def __post_init__(self) -> None:
         problems = []
@@ -599,14 +603,14 @@ _MOMENTUM_PAIRS = (
 )
 
 
-def _init_weights(module: nn.Module) -> None:
-    """BERT/ViT initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms."""
+def _init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT/ViT initialisation: N(0, std) weights (0.02 in BERT/ViT), zero biases, unit LayerNorms."""
     if isinstance(module, nn.Linear | nn.Conv2d):
-        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.trunc_normal_(module.weight, std=std)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, std=0.02)
+        nn.init.normal_(module.weight, std=std)
         if module.padding_idx is not None:
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
@@ -614,8 +618,8 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
     elif isinstance(module, VisionEmbeddings):
-        nn.init.trunc_normal_(module.class_embedding, std=0.02)
-        nn.init.trunc_normal_(module.position_embedding, std=0.02)
+        nn.init.trunc_normal_(module.class_embedding, std=std)
+        nn.init.trunc_normal_(module.position_embedding, std=std)
 
 
 class MED(nn.Module):
@@ -631,9 +635,10 @@ class MED(nn.Module):
         self.text_proj = nn.Linear(config.text_width, config.embed_dim)
         self.itm_head = nn.Linear(config.text_width, 2)
         self.temp = nn.Parameter(torch.tensor(config.temp))
-        self.apply(_init_weights)
+        init = functools.partial(_init_weights, std=config.init_std)
+        self.apply(init)
         # The LM head's Linear init above also rewrote the tied word embeddings: redo them.
-        _init_weights(self.text_encoder.embeddings.word_embeddings)
+        init(self.text_encoder.embeddings.word_embeddings)
 
         # Momentum encoders: EMA copies used for ITC targets and queue features, never trained.
         for online, momentum in _MOMENTUM_PAIRS:
