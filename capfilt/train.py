@@ -1,0 +1,330 @@
+"""``capfilt train {pretrain,captioner,filter}``: the config schema and :func:`run_training`.
+
+The three kinds differ only in which MED losses they optimise (BLIP's recipe):
+
+- ``pretrain``: ITC + ITM + LM on image-text pairs (e.g. a run's kept pairs + human pairs);
+- ``captioner``: LM only, with the prompt "a picture of " prepended and masked (BLIP caption_coco);
+- ``filter``: ITC + ITM (BLIP retrieval_coco; captions of one image are ITC positives).
+
+A model starts from scratch (a preset; a WordPiece tokenizer is trained on the data's captions and
+fixes the vocabulary and special ids), from a capfilt checkpoint or Hugging Face BLIP directory
+(``model.init``), or from HF captioner/filter directories (``model.captioner`` / ``model.filter``).
+
+Output directory layout (``output.dir``):
+
+- ``config.yaml``: the resolved training config;
+- ``tokenizer/``: the tokenizer trained on the data (``model.init: scratch`` only);
+- ``checkpoints/step_XXXXXXXX/``: resumable checkpoints (``--resume`` continues the newest);
+- ``metrics.jsonl``: one row per ``train.log_every`` steps;
+- ``model/``: the final capfilt checkpoint (MED + tokenizer), loadable with ``model.hf.load_any``;
+- ``hf/``: for captioner and filter, the Hugging Face BLIP export of the trained model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from capfilt.config import dump, load_model
+from capfilt.errors import UserError
+from model.data import AugmentConfig, DataConfig, Source, SourceSpec, build_loader, load_source
+from model.losses import alpha_ramp
+from model.med import MED, MEDConfig
+from model.train import TrainConfig, Trainer, list_checkpoints
+
+KINDS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("itc", "itm", "lm"),
+    "captioner": ("lm",),
+    "filter": ("itc", "itm"),
+}
+
+
+class _Section(BaseModel):
+    """Unknown keys are errors (a typo must not silently train with a default)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, coerce_numbers_to_str=True)
+
+
+class ModelSection(_Section):
+    """Where the model starts."""
+
+    init: str = Field(
+        default="scratch",
+        min_length=1,
+        description="'scratch' (build model.preset, train a tokenizer on the data), or a capfilt "
+        "checkpoint dir / Hugging Face BLIP dir.",
+    )
+    preset: str = Field(default="tiny", min_length=1, description="MEDConfig preset for init: scratch.")
+    captioner: str | None = Field(default=None, description="HF BLIP captioner dir to import (with filter).")
+    filter: str | None = Field(default=None, description="HF BLIP retrieval dir to import (with captioner).")
+    vocab_size: int = Field(default=4000, ge=16, description="WordPiece vocabulary size for init: scratch.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="MEDConfig fields changed for init: scratch, e.g. {queue_size: 512}."
+    )
+
+    @model_validator(mode="after")
+    def _one_start(self) -> ModelSection:
+        if (self.captioner or self.filter) and self.init != "scratch":
+            raise ValueError("set either init or captioner/filter, not both")
+        return self
+
+
+class SourceSection(_Section):
+    path: str = Field(min_length=1)
+    format: Literal["auto", "webdataset", "parquet", "run"] = "auto"
+    weight: float = Field(default=1.0, ge=0)
+    captions: Literal["sample", "expand"] = Field(
+        default="sample", description="Several captions per image: draw one per visit, or one item each."
+    )
+
+
+class AugmentSection(_Section):
+    random_resized_crop: bool = True
+    scale: tuple[float, float] = (0.5, 1.0)
+    randaugment_ops: int = Field(default=2, ge=0)
+    randaugment_magnitude: int = Field(default=5, ge=0, le=10)
+    hflip: bool = Field(default=False, description="Never applied to captions that say left or right.")
+
+    @model_validator(mode="after")
+    def _scale_range(self) -> AugmentSection:
+        low, high = self.scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {list(self.scale)}")
+        return self
+
+
+class DataSection(_Section):
+    sources: list[SourceSection] = Field(min_length=1)
+    image_size: int | None = Field(default=None, ge=8, description="None: the model's image_size.")
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+    max_length: int = Field(default=35, ge=4, description="Token limit per text (prompt included).")
+    prompt: str | None = Field(default=None, description="None: the model's prompt for captioner, none otherwise.")
+    num_workers: int = Field(default=2, ge=0)
+
+
+class OptimSection(_Section):
+    lr: float = Field(default=1e-4, gt=0, description="BLIP: 3e-4 pre-training, 1e-5 fine-tuning.")
+    min_lr: float = Field(default=0.0, ge=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(default=0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    grad_accum: int = Field(default=1, ge=1)
+    clip_grad_norm: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _min_below_lr(self) -> OptimSection:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} exceeds lr {self.lr}")
+        return self
+
+
+class TrainSection(_Section):
+    steps: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=32, ge=1, description="Per process; the ITC queue must divide by the global batch.")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 0
+    deterministic: bool = False
+    save_every: int = Field(default=500, ge=1)
+    keep_last: int = Field(default=2, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    alpha_ramp_steps: int | None = Field(
+        default=None, ge=1, description="Steps of the linear ITC distillation ramp; None: one pass over the data."
+    )
+    progress: bool = True
+
+
+class OutputSection(_Section):
+    dir: str = Field(min_length=1)
+
+
+class TrainingConfig(_Section):
+    """``capfilt train KIND CONFIG.yaml`` file."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    output: OutputSection
+
+
+def _load_sources(data: DataSection) -> list[Source]:
+    sources = []
+    for i, spec in enumerate(data.sources):
+        try:
+            sources.append(load_source(SourceSpec(path=spec.path, format=spec.format, weight=spec.weight,
+                                                  captions=spec.captions)))
+        except (FileNotFoundError, ValueError, OSError) as err:
+            raise UserError(f"data.sources[{i}].path: {err}") from None
+    if sum(spec.weight for spec in data.sources) <= 0:
+        raise UserError("data.sources: at least one source needs a weight > 0")
+    return sources
+
+
+def _scratch_tokenizer(sources: list[Source], vocab_size: int, directory: Path) -> Any:
+    """Train a WordPiece tokenizer on every caption of the data.
+
+    Under torchrun only rank 0 trains it (the trainer's vocabulary order could differ between
+    processes); it is saved to ``output.dir/tokenizer`` and the other ranks load that copy.
+    """
+    from model.tokenizer import load_tokenizer, train_tokenizer
+
+    rank, world_size, _ = Trainer._setup_distributed()
+    if rank == 0:
+        tokenizer = train_tokenizer((t for s in sources for t in s.all_texts()), vocab_size=vocab_size)
+        tokenizer.save_pretrained(str(directory))
+    if world_size > 1:
+        torch.distributed.barrier()
+        if rank != 0:
+            tokenizer = load_tokenizer(directory)
+    return tokenizer
+
+
+def _build_model(cfg: TrainingConfig, sources: list[Source], resume_from: Path | None) -> tuple[MED, Any]:
+    """The MED and its tokenizer: from the checkpoint being resumed, a pre-trained dir, or scratch."""
+    from model.hf import import_hf, load_any
+    from model.tokenizer import special_ids
+
+    m = cfg.model
+    try:
+        if resume_from is not None:
+            # The checkpoint holds the config and tokenizer of the interrupted run (a scratch
+            # tokenizer is not retrained); the trainer then restores weights and optimizer.
+            med, tokenizer = MED.load(resume_from)
+        elif m.captioner or m.filter:
+            med, tokenizer = import_hf(captioner=m.captioner, filter=m.filter)
+        elif m.init != "scratch":
+            med, tokenizer = load_any(m.init)
+        else:
+            tokenizer = _scratch_tokenizer(sources, m.vocab_size, Path(cfg.output.dir) / "tokenizer")
+            changes = {**special_ids(tokenizer), **m.overrides}
+            if cfg.data.image_size is not None and "image_size" not in m.overrides:
+                changes["image_size"] = cfg.data.image_size
+            config = MEDConfig.preset(m.preset).replace(**changes)
+            torch.manual_seed(cfg.train.seed)
+            med = MED(config)
+    except TypeError as err:  # dataclasses.replace with an unknown field
+        raise UserError(f"model.overrides: {err}") from None
+    except (ValueError, OSError) as err:
+        field = "model.init" if (m.init != "scratch" or resume_from) else "model"
+        raise UserError(f"{field}: {err}") from None
+    if tokenizer is None:
+        raise UserError(f"model.init: {m.init} has no tokenizer (save one with the checkpoint)")
+    return med, tokenizer
+
+
+def _steps_per_epoch(sources: list[Source], data: DataSection, train: TrainSection, optim: OptimSection,
+                     world_size: int) -> int:
+    """Optimizer steps for one pass over the (weighted) data: BLIP ramps alpha over epoch 0."""
+    items = sum(len(s) for s, spec in zip(sources, data.sources, strict=True) if spec.weight > 0)
+    return max(1, math.ceil(items / (train.batch_size * optim.grad_accum * world_size)))
+
+
+def run_training(kind: str, config_path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                 resume: bool = False) -> Path:
+    """Train a MED as ``kind`` (pretrain | captioner | filter) from a YAML config; returns ``output.dir``.
+
+    ``overrides`` are ``--set section.key=value`` strings. Raises :class:`UserError` (one line) for a
+    bad config, an unknown ``--set`` key, a missing data path, a model that cannot be loaded, or an
+    output directory holding checkpoints when ``resume`` is False.
+    """
+    if kind not in KINDS:
+        raise UserError(f"unknown training kind {kind!r}; choose one of {', '.join(KINDS)}")
+    losses = KINDS[kind]
+    cfg = load_model(TrainingConfig, config_path, list(overrides))
+    out_dir = Path(cfg.output.dir)
+    existing = list_checkpoints(out_dir)
+    if existing and not resume:
+        raise UserError(f"output.dir: {out_dir} already holds checkpoints; pass --resume or choose another dir")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    sources = _load_sources(cfg.data)
+    med, tokenizer = _build_model(cfg, sources, existing[-1] if existing else None)
+
+    image_size = cfg.data.image_size or med.config.image_size
+    if image_size != med.config.image_size:
+        raise UserError(f"data.image_size: {image_size} differs from the model's image_size {med.config.image_size}")
+    global_batch = cfg.train.batch_size * world_size
+    if "itc" in losses and med.config.queue_size % global_batch:
+        raise UserError(
+            f"train.batch_size: the global batch {global_batch} must divide the model's ITC queue_size "
+            f"{med.config.queue_size}"
+        )
+    if cfg.data.max_length > med.config.max_position_embeddings:
+        raise UserError(
+            f"data.max_length: {cfg.data.max_length} exceeds the model's max_position_embeddings "
+            f"{med.config.max_position_embeddings}"
+        )
+    prompt = cfg.data.prompt if cfg.data.prompt is not None else (med.config.prompt if kind == "captioner" else None)
+    data_config = DataConfig(
+        sources=[SourceSpec(path=s.path, format=s.format, weight=s.weight, captions=s.captions) for s in cfg.data.sources],
+        batch_size=cfg.train.batch_size,
+        image_size=image_size,
+        max_length=cfg.data.max_length,
+        prompt=prompt,
+        augment=AugmentConfig(**cfg.data.augment.model_dump()),
+        train=True,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.train.seed,
+    )
+
+    def loader_fn(*, start: int, rank: int, world_size: int):
+        return build_loader(data_config, tokenizer=tokenizer, sources=sources, start=start, rank=rank,
+                            world_size=world_size)
+
+    ramp = cfg.train.alpha_ramp_steps or _steps_per_epoch(sources, cfg.data, cfg.train, cfg.optim, world_size)
+
+    def step_fn(model: torch.nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        alpha = alpha_ramp(step, ramp, med.config.alpha) if "itc" in losses else None
+        return model(
+            batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+            image_ids=batch["image_ids"], alpha=alpha, losses=losses, prompt_length=batch["prompt_length"],
+        )
+
+    def save_model_fn(model: torch.nn.Module, directory: Path) -> None:
+        model.save(directory, tokenizer=tokenizer)
+
+    train_config = TrainConfig(
+        steps=cfg.train.steps,
+        out_dir=out_dir,
+        batch_size=cfg.train.batch_size,
+        lr=cfg.optim.lr,
+        min_lr=cfg.optim.min_lr,
+        weight_decay=cfg.optim.weight_decay,
+        betas=cfg.optim.betas,
+        warmup_steps=cfg.optim.warmup_steps,
+        schedule=cfg.optim.schedule,
+        grad_accum=cfg.optim.grad_accum,
+        clip_grad_norm=cfg.optim.clip_grad_norm,
+        precision=cfg.train.precision,
+        seed=cfg.train.seed,
+        deterministic=cfg.train.deterministic,
+        save_every=cfg.train.save_every,
+        keep_last=cfg.train.keep_last,
+        log_every=cfg.train.log_every,
+        progress=cfg.train.progress,
+        ddp_find_unused_parameters=kind != "pretrain",  # LM-only / ITC+ITM steps leave heads unused
+    )
+    trainer = Trainer(model=med, loader_fn=loader_fn, config=train_config, step_fn=step_fn,
+                      save_model_fn=save_model_fn)
+    if trainer.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(dump(cfg), encoding="utf-8")
+    trainer.fit(resume=resume)
+
+    if trainer.is_main:
+        med = trainer.module  # type: ignore[assignment]
+        med.save(out_dir / "model", tokenizer=tokenizer)
+        if kind in ("captioner", "filter"):
+            from model.hf import export_captioner, export_filter
+
+            export = export_captioner if kind == "captioner" else export_filter
+            export(med, tokenizer, out_dir / "hf")
+    if trainer.world_size > 1:
+        torch.distributed.barrier()  # the other ranks wait for rank 0's final save and export
+        torch.distributed.destroy_process_group()
+    return out_dir
