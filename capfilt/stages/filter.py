@@ -1,0 +1,173 @@
+"""Filter: BLIP's image-text matching score for the web text and every synthetic caption.
+
+:class:`Filter` loads the filter model(s) in ``__init__`` (Ray batch-inference style) and in
+``__call__`` adds, for each row:
+
+* ``web_itm`` (float): the ITM head's match probability ``softmax(logits)[:, 1]`` of the web
+  text; NaN when the row is not ok or its web text is empty/null.
+* ``synthetic_itm`` (list of float): the same for each of the row's ``synthetic_texts``.
+* with ``filter.itc_column``: ``web_itc`` / ``synthetic_itc``, the cosine similarity of the
+  ITC features (useful for CLIP-style re-ranking as BLIP-2 and LAION-COCO did).
+
+Cost: the vision transformer dominates, so each image is encoded ONCE per model and its
+embeddings are repeated (an index gather, no copy of pixels and no second vision pass) for its
+K+1 texts. With an ensemble (``filter.models``) a text's score is the mean over the models.
+
+Failure is data: a model error is retried row by row; rows that still fail become
+``filter_failed`` with the error, never a crash.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from capfilt.stages.caption import (
+    batch_pixels,
+    error_text,
+    is_ok,
+    load_med,
+    model_specs,
+    pixel_values,
+    resolve_device,
+    resolve_dtype,
+)
+from capfilt.stages.select import has_text, object_array
+from capfilt.stages.status import Status
+
+ITM_MAX_TOKENS = 35
+"""Texts are truncated to this many tokens for matching, as BLIP's retrieval models are trained."""
+
+Batch = dict[str, np.ndarray]
+
+
+class Filter:
+    """Adds ``web_itm``, ``synthetic_itm`` (and ITC columns when asked) to a batch."""
+
+    def __init__(self, cfg: Any, *, device: str | None = None) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.num_gpus, device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.itc = bool(getattr(cfg, "itc_column", False))
+        self.models = [load_med(spec, device=self.device, dtype=self.dtype) for spec in model_specs(cfg)]
+
+    def _score(
+        self, index: int, pixels: np.ndarray, texts: Sequence[Sequence[str]]
+    ) -> tuple[list[list[float]], list[list[float]]]:
+        """ITM probabilities (and ITC cosines) of one model: per image, one per text.
+
+        ``texts[j]`` are image j's texts. One ``encode_image`` call for all images; text pairs
+        are scored in chunks of ``batch_size`` pairs with the image embeddings gathered per pair.
+        """
+        med, tokenizer = self.models[index]
+        owner = [j for j, row in enumerate(texts) for _ in row]
+        flat = [t for row in texts for t in row]
+        itm = torch.empty(len(flat))
+        itc = torch.empty(len(flat)) if self.itc else None
+        with torch.inference_mode():
+            image_embeds = med.encode_image(pixel_values(pixels, device=self.device, dtype=self.dtype))
+            image_feat = med.image_features(image_embeds) if self.itc else None
+            step = max(1, self.cfg.batch_size)
+            for start in range(0, len(flat), step):
+                chunk = slice(start, start + step)
+                tokens = tokenizer(
+                    flat[chunk],
+                    padding="longest",
+                    truncation=True,
+                    max_length=ITM_MAX_TOKENS,
+                    return_tensors="pt",
+                )
+                ids = tokens["input_ids"].to(self.device)
+                mask = tokens["attention_mask"].to(self.device)
+                pick = torch.tensor(owner[chunk], device=self.device)
+                logits = med.itm_logits(image_embeds.index_select(0, pick), ids, mask)
+                itm[chunk] = torch.softmax(logits.float(), dim=-1)[:, 1].cpu()
+                if itc is not None and image_feat is not None:
+                    text_feat = med.text_features(med.encode_text(ids, mask))
+                    itc[chunk] = (image_feat.index_select(0, pick).float() * text_feat.float()).sum(-1).cpu()
+        split_itm: list[list[float]] = [[] for _ in texts]
+        split_itc: list[list[float]] = [[] for _ in texts]
+        for p, j in enumerate(owner):
+            split_itm[j].append(float(itm[p]))
+            if itc is not None:
+                split_itc[j].append(float(itc[p]))
+        return split_itm, split_itc
+
+    def _score_safe(
+        self, index: int, pixels: np.ndarray, texts: Sequence[Sequence[str]]
+    ) -> list[tuple[list[float], list[float]] | BaseException]:
+        """Like ``_score`` but never raises: a failing chunk is retried one image at a time."""
+        try:
+            itm, itc = self._score(index, pixels, texts)
+            return list(zip(itm, itc, strict=True))
+        except Exception as err:  # noqa: BLE001
+            if len(texts) == 1:
+                return [err]
+        results: list[tuple[list[float], list[float]] | BaseException] = []
+        for j in range(len(texts)):
+            try:
+                itm, itc = self._score(index, pixels[j : j + 1], texts[j : j + 1])
+                results.append((itm[0], itc[0]))
+            except Exception as err:  # noqa: BLE001
+                results.append(err)
+        return results
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> Batch:
+        out = dict(batch)
+        n = len(batch["status"])
+        status = object_array(list(batch["status"]))
+        error = object_array(list(batch["error"])) if "error" in batch else object_array([""] * n)
+        synthetic = batch.get("synthetic_texts")
+        rows = [i for i in range(n) if is_ok(status[i])]
+        has_web = {i: has_text(batch["web_text"][i]) for i in rows}
+        texts = [
+            ([batch["web_text"][i]] if has_web[i] else [])
+            + ([str(t) for t in synthetic[i]] if synthetic is not None and synthetic[i] is not None else [])
+            for i in rows
+        ]
+        # Sums over the ensemble, divided at the end.
+        itm_sum = [np.zeros(len(t)) for t in texts]
+        itc_sum = [np.zeros(len(t)) for t in texts]
+        step = max(1, self.cfg.batch_size)
+        for index, (med, _) in enumerate(self.models):
+            pixels, failed = batch_pixels(batch, rows, med.config.image_size)
+            for i, message in failed.items():
+                status[i], error[i] = Status.decode_failed.value, message
+            for start in range(0, len(rows), step):
+                chunk = slice(start, start + step)
+                results = self._score_safe(index, pixels[chunk], texts[chunk])
+                for j, result in zip(range(start, start + len(results)), results, strict=True):
+                    i = rows[j]
+                    if isinstance(result, BaseException):
+                        if is_ok(status[i]):
+                            status[i], error[i] = Status.filter_failed.value, error_text(result)
+                        continue
+                    itm_sum[j] += np.asarray(result[0], dtype=float)
+                    if self.itc:
+                        itc_sum[j] += np.asarray(result[1], dtype=float)
+        m = len(self.models)
+        web_itm = np.full(n, math.nan)
+        web_itc = np.full(n, math.nan)
+        synthetic_itm: list[list[float]] = [[] for _ in range(n)]
+        synthetic_itc: list[list[float]] = [[] for _ in range(n)]
+        for j, i in enumerate(rows):
+            if not is_ok(status[i]):
+                continue
+            itm = (itm_sum[j] / m).tolist()
+            itc = (itc_sum[j] / m).tolist()
+            if has_web[i]:
+                web_itm[i], web_itc[i] = itm.pop(0), itc.pop(0)
+            synthetic_itm[i] = itm
+            synthetic_itc[i] = itc
+        out["web_itm"] = web_itm
+        out["synthetic_itm"] = object_array(synthetic_itm)
+        if self.itc:
+            out["web_itc"] = web_itc
+            out["synthetic_itc"] = object_array(synthetic_itc)
+        out["status"] = status
+        out["error"] = error
+        return out
