@@ -170,6 +170,24 @@ def eval_(
     typer.echo(text)
 
 
+@app.command()
+@_user_errors
+def bootstrap(
+    config: Annotated[Path | None, typer.Argument(help="Bootstrap YAML (default: the embedded demo).")] = None,
+    rounds: Annotated[int | None, typer.Option("--rounds", help="Rounds of CapFilt (overrides the config).")] = None,
+    set_: SetOpt = None,
+    ablation: Annotated[
+        bool, typer.Option("--ablation", help="Also pre-train on raw / filter-only / captioner-only data.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/bootstrap).")] = None,
+):
+    """Multi-round CapFilt: train captioner and filter, clean the web pairs, pre-train on them, repeat."""
+    from capfilt.bootstrap import run_bootstrap
+
+    run_dir = run_bootstrap(config, set_ or [], rounds=rounds, out=out, ablation=ablation)
+    typer.echo(str(run_dir))
+
+
 # --------------------------------------------------------------------------- results
 
 

@@ -1,0 +1,399 @@
+"""The bootstrap's step state machine, with the heavy steps replaced by cheap deterministic fakes.
+
+The fakes write artifacts whose bytes depend only on their inputs (the training config's data
+and init, the pipeline's models and URL list), so "a resumed run ends with the same artifacts as
+an uninterrupted one" is checked by comparing file digests. The real corpus generator runs (it
+is fast at this size) and the fake pipeline commits shards with the real shard writer, so the
+data assembly (D_r, the ablation variants) runs on real pipeline output formats.
+
+Run as a script (``python tests/unit/test_bootstrap.py OUT``), this file runs a bootstrap with
+the fakes installed: the kill -9 test does that in a subprocess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from capfilt import bootstrap
+from capfilt.bootstrap import FAIL_AFTER_ENV, FAIL_DURING_ENV, InjectedFault, State, Step, run_steps
+from capfilt.errors import UserError
+
+SMALL = [
+    "corpus.images=24", "corpus.human_images=6", "corpus.test_images=4", "corpus.size=32",
+    "pipeline.output.rows_per_shard=10",
+]  # fmt: skip
+STEP_DELAY_ENV = "CAPFILT_TEST_STEP_DELAY"
+
+
+# --------------------------------------------------------------------------- fakes
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _delay() -> None:
+    time.sleep(float(os.environ.get(STEP_DELAY_ENV, "0")))
+
+
+def fake_training(kind: str, config_path: Path, overrides: Any = (), resume: bool = False) -> Path:
+    """Writes checkpoints/ then model/ (and hf/), content = digest of data files + init."""
+    import yaml
+
+    cfg = yaml.safe_load(Path(config_path).read_text())
+    out = Path(cfg["output"]["dir"])
+    checkpoints = out / "checkpoints"
+    if checkpoints.exists() and not resume:
+        raise UserError(f"output.dir: {out} already holds checkpoints")
+    data = [hashlib.sha256(Path(s["path"]).read_bytes()).hexdigest() for s in cfg["data"]["sources"]]
+    init = cfg["model"]["init"]
+    init_digest = init if init == "scratch" else (Path(init) / "weights.txt").read_text()
+    (checkpoints / "step_00000001").mkdir(parents=True, exist_ok=True)
+    _delay()
+    weights = _digest(kind, data, init_digest, cfg["train"]["steps"], cfg["train"]["seed"])
+    for sub in ["model"] + (["hf"] if kind != "pretrain" else []):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        (out / sub / "weights.txt").write_text(weights)
+    return out
+
+
+def fake_pipeline(cfg: Any) -> Path:
+    """Commits shards with the real writer; scores are digests of (filter models, key).
+
+    The url column keeps the path only: the server's port differs between the test's run
+    directories (within one directory it is pinned, see test_served_port_is_remembered).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from capfilt.stages import write as writer
+
+    out = Path(cfg.output.dir)
+    urls = pq.read_table(cfg.input.path).to_pylist()
+    corpus = Path(cfg.input.path).parent / "corpus"
+    images = {r["key"]: r["image"] for r in pq.read_table(corpus / "web.parquet", columns=["key", "image"]).to_pylist()}
+    filters = [(Path(m) / "weights.txt").read_text() for m in cfg.filter.model_ids]
+    captioners = [(Path(m) / "weights.txt").read_text() for m in cfg.caption.model_ids]
+    size = cfg.output.rows_per_shard
+    done = writer.committed_shards(out)
+    for shard in range(0, (len(urls) + size - 1) // size):
+        if shard in done:
+            continue
+        rows = []
+        for row in urls[shard * size : (shard + 1) * size]:
+            web_itm = int(_digest(filters, row["key"], "web")[:8], 16) / 0xFFFFFFFF
+            syn_itm = int(_digest(filters, row["key"], "syn")[:8], 16) / 0xFFFFFFFF
+            rows.append({
+                "key": row["key"], "url": urlsplit(row["URL"]).path, "web_text": row["TEXT"], "status": "ok", "error": "",
+                "image": images[row["key"]],
+                "synthetic_texts": [f"caption {_digest(captioners, row['key'])[:6]}"],
+                "web_itm": web_itm, "synthetic_itm": [syn_itm],
+                "web_kept": web_itm >= cfg.filter.threshold, "synthetic_kept": [syn_itm >= cfg.filter.threshold],
+                "noise_type": row["noise_type"], "noisy": row["noisy"],
+            })  # fmt: skip
+        writer.write_shard(out, shard, pa.Table.from_pylist(rows), keep_cols=["noise_type", "noisy"])
+        _delay()
+    (out / "manifest.json").write_text(json.dumps({"rows": len(urls)}))
+    return out
+
+
+def fake_evaluate(model_path: Path, data_path: Path, **kwargs: Any) -> dict[str, Any]:
+    weights = (Path(model_path) / "weights.txt").read_text()
+    value = int(weights[:4], 16) / 0xFFFF * 100
+    return {"retrieval": {"txt_r1": value, "img_r1": 100 - value},
+            "captioning": {"cider": value / 100, "bleu_4": 0.1}, "settings": kwargs}
+
+
+def install_fakes(target: Any) -> None:
+    """Replace the heavy work in ``capfilt.bootstrap`` (``target``: a monkeypatch or the module)."""
+    fakes = {"run_training": fake_training, "run_pipeline": fake_pipeline, "evaluate": fake_evaluate}
+    for name, fake in fakes.items():
+        if hasattr(target, "setattr"):
+            target.setattr(bootstrap, name, fake)
+        else:
+            setattr(target, name, fake)
+
+
+def artifact_digests(run_dir: Path) -> dict[str, str]:
+    """Digest of every committed artifact file (state.json, which holds timings, excluded).
+
+    Config files name absolute paths under the run directory; those are replaced by ``RUN`` so
+    that runs in different directories compare equal.
+    """
+    out = {}
+    for path in sorted(run_dir.rglob("*")):
+        rel = path.relative_to(run_dir)
+        if path.is_file() and rel.name != "state.json" and not any(p.startswith(".") for p in rel.parts):
+            data = path.read_bytes().replace(str(run_dir).encode(), b"RUN")
+            out[str(rel)] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+@pytest.fixture
+def fakes(monkeypatch: pytest.MonkeyPatch) -> None:
+    install_fakes(monkeypatch)
+    monkeypatch.setattr(bootstrap, "_build_report", lambda run_dir: None)
+    monkeypatch.delenv(FAIL_AFTER_ENV, raising=False)
+    monkeypatch.delenv(FAIL_DURING_ENV, raising=False)
+
+
+def _run(out: Path, *extra: str, **kwargs: Any) -> Path:
+    return bootstrap.run_bootstrap(None, [*SMALL, *extra], out=out, progress=False, **kwargs)
+
+
+# --------------------------------------------------------------------------- run_steps
+
+
+def _counting_step(name: str, target: Path, calls: list[tuple[str, bool]], *, resumable: bool = False,
+                   content: str = "x") -> Step:
+    def run(staging: Path, resuming: bool) -> None:
+        calls.append((name, resuming))
+        staging.mkdir(exist_ok=True)
+        (staging / "log.txt").open("a").write(content)
+
+    return Step(name=name, target=target, run=run, resumable=resumable)
+
+
+def test_run_steps_skips_committed_and_runs_the_rest(tmp_path: Path) -> None:
+    calls: list[tuple[str, bool]] = []
+    steps = [_counting_step(n, tmp_path / n, calls) for n in ("a", "b", "c")]
+    state = State(tmp_path / "state.json")
+    assert set(run_steps(steps, state, echo=lambda s: None)) == {"a", "b", "c"}
+    assert [c[0] for c in calls] == ["a", "b", "c"]
+
+    calls.clear()
+    (tmp_path / "b").rename(tmp_path / "gone")  # b's artifact lost: b is recomputed, a and c are not
+    ran = run_steps(steps, State(tmp_path / "state.json"), echo=lambda s: None)
+    assert list(ran) == ["b"] and calls == [("b", False)]
+    saved = json.loads((tmp_path / "state.json").read_text())["steps"]
+    assert all(saved[n]["done"] for n in "abc")
+
+
+def test_interrupted_step_is_resumed_or_restarted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, bool]] = []
+    steps = [_counting_step("train", tmp_path / "train", calls, resumable=True),
+             _counting_step("eval", tmp_path / "eval", calls, resumable=False)]
+    monkeypatch.setenv(FAIL_DURING_ENV, "train")
+    with pytest.raises(InjectedFault):
+        run_steps(steps, State(tmp_path / "state.json"), echo=lambda s: None)
+    assert not (tmp_path / "train").exists() and (tmp_path / ".train.partial").exists()
+    monkeypatch.setenv(FAIL_DURING_ENV, "eval")
+    with pytest.raises(InjectedFault):
+        run_steps(steps, State(tmp_path / "state.json"), echo=lambda s: None)
+    # the resumable step got its partial output back and appended to it; the other starts over
+    assert calls == [("train", False), ("train", True), ("eval", False)]
+    assert (tmp_path / "train" / "log.txt").read_text() == "xx"
+    monkeypatch.delenv(FAIL_DURING_ENV)
+    run_steps(steps, State(tmp_path / "state.json"), echo=lambda s: None)
+    assert calls[-1] == ("eval", False)
+    assert (tmp_path / "eval" / "log.txt").read_text() == "x"
+
+
+def test_artifact_renamed_before_state_write_counts_as_done(tmp_path: Path) -> None:
+    calls: list[tuple[str, bool]] = []
+    (tmp_path / "a").mkdir()  # a crash between the rename and state.json
+    ran = run_steps([_counting_step("a", tmp_path / "a", calls)], State(tmp_path / "state.json"), echo=lambda s: None)
+    assert ran == {} and calls == []
+    assert State(tmp_path / "state.json").done("a")
+
+
+def test_step_that_writes_nothing_is_an_error(tmp_path: Path) -> None:
+    step = Step(name="empty", target=tmp_path / "out", run=lambda staging, resuming: None)
+    with pytest.raises(RuntimeError, match="wrote nothing"):
+        run_steps([step], State(tmp_path / "state.json"), echo=lambda s: None)
+    assert not State(tmp_path / "state.json").done("empty")
+
+
+def test_corrupt_state_file_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_text("{not json")
+    with pytest.raises(UserError, match="state.json"):
+        State(tmp_path / "state.json")
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_embedded_default_loads_and_overrides_are_checked() -> None:
+    cfg = bootstrap.load_config(None, ["rounds=2", "pretrain.train.steps=7"])
+    assert cfg.rounds == 2 and cfg.pretrain.train.steps == 7 and cfg.corpus.synthetic
+    repo = Path(__file__).resolve().parents[2]
+    assert (repo / "pipelines" / "bootstrap_demo.yaml").read_text() == bootstrap.default_config_text()
+    for override, message in [
+        ("pipeline.caption.model=x", "pipeline.caption.model: set by bootstrap"),
+        ("captioner.train.stepz=1", "captioner.train.stepz: unknown key (did you mean 'steps'?)"),
+        ("rounds=0", "rounds: input should be greater than or equal to 1"),
+        ("corpus.urls=u.parquet", "corpus: with existing files give human, urls and test"),
+        ("filter.train.batch_size=0", "filter.train.batch_size"),
+    ]:
+        with pytest.raises(UserError) as err:
+            bootstrap.load_config(None, [override])
+        assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_url_list_corpus_needs_web_pairs_for_round0(tmp_path: Path) -> None:
+    files = [f"corpus.{n}={tmp_path / n}.parquet" for n in ("human", "urls", "test")]
+    with pytest.raises(UserError, match="corpus.web_pairs"):
+        bootstrap.load_config(None, files)
+    cfg = bootstrap.load_config(None, [*files, "pretrain.round0_web=false"])
+    assert not cfg.corpus.synthetic
+
+
+def test_served_port_is_remembered(tmp_path: Path) -> None:
+    port_file = tmp_path / ".serve_port"
+    with bootstrap.serve_corpus(tmp_path, port_file) as first:
+        assert port_file.read_text().strip() == first.rsplit(":", 1)[1]
+        with bootstrap.serve_corpus(tmp_path, port_file) as second:  # port taken: a fresh one
+            assert second != first
+    with bootstrap.serve_corpus(tmp_path, tmp_path / ".other") as third:
+        pass
+    port_file.write_text(third.rsplit(":", 1)[1])
+    with bootstrap.serve_corpus(tmp_path, port_file) as again:  # free again: reused
+        assert again == third
+
+
+def test_round_pipeline_config_uses_the_rounds_models(tmp_path: Path) -> None:
+    cfg = bootstrap.load_config(None, ["ensemble.filters=2", "pipeline.filter.threshold=0.3"])
+    boot = bootstrap.Bootstrap(cfg=cfg, run_dir=tmp_path)
+    pcfg = boot.pipeline_config(2, tmp_path / "urls.parquet", tmp_path / "stage")
+    assert pcfg.caption.model == str(tmp_path / "round-2" / "captioner" / "hf")
+    assert pcfg.filter.models == [str(tmp_path / "round-2" / "filter" / "hf"),
+                                  str(tmp_path / "round-2" / "filter-2" / "hf")]
+    assert pcfg.filter.threshold == 0.3 and pcfg.input.key_col == "key"
+    assert pcfg.output.dir == str(tmp_path / "stage")
+
+
+# --------------------------------------------------------------------------- whole runs with fakes
+
+
+def test_full_run_artifacts_metrics_and_noop_rerun(tmp_path: Path, fakes: None) -> None:
+    run = _run(tmp_path / "run", "rounds=2")
+    for r in (1, 2):
+        for sub in ("captioner/hf", "filter/hf", "pipeline/samples", "pretrain/model", "pretrain/data/pairs.parquet"):
+            assert (run / f"round-{r}" / sub).exists(), sub
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert "filter_auc" in rows[1] and "filter_auc" not in rows[0]
+    # round 0 = human (6 images) + raw web (24); round r = human + what round r's pipeline kept
+    assert rows[0]["human_pairs"] == 6 and rows[0]["web_pairs"] == 24
+    import pyarrow.parquet as pq
+
+    samples = pq.read_table(run / "round-1" / "pipeline" / "samples").to_pylist()
+    assert rows[1]["web_pairs"] == sum(s["web_kept"] for s in samples)
+    assert rows[1]["synthetic_pairs"] == sum(s["synthetic_kept"][0] for s in samples)
+
+    before = artifact_digests(run)
+    state_before = (run / "state.json").read_text()
+    _run(tmp_path / "run", "rounds=2")
+    assert artifact_digests(run) == before and (run / "state.json").read_text() == state_before
+
+
+def test_more_rounds_extends_a_run_and_a_changed_config_is_refused(tmp_path: Path, fakes: None) -> None:
+    run = _run(tmp_path / "run")
+    first = artifact_digests(run)
+    _run(tmp_path / "run", rounds=2)
+    extended = artifact_digests(run)
+    assert {k: v for k, v in extended.items() if k in first and k != "metrics.jsonl" and k != "config.yaml"} == {
+        k: v for k, v in first.items() if k not in ("metrics.jsonl", "config.yaml")}
+    assert any(k.startswith("round-2/pretrain/") for k in extended)
+    with pytest.raises(UserError, match=r"different config \(pretrain changed\)"):
+        _run(tmp_path / "run", "pretrain.train.steps=99")
+
+
+def test_from_scratch_false_continues_the_previous_model(tmp_path: Path, fakes: None) -> None:
+    run = _run(tmp_path / "run", "from_scratch=false")
+    train_cfg = (run / "round-1" / "pretrain" / "bootstrap-train.yaml").read_text()
+    assert str(run / "round-0" / "pretrain" / "model") in train_cfg
+    scratch = _run(tmp_path / "scratch")
+    assert "init: scratch" in (scratch / "round-1" / "pretrain" / "bootstrap-train.yaml").read_text()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Digests of an uninterrupted run (ablation on, so every kind of step is covered)."""
+    with pytest.MonkeyPatch.context() as mp:
+        install_fakes(mp)
+        mp.setattr(bootstrap, "_build_report", lambda run_dir: None)
+        mp.delenv(FAIL_AFTER_ENV, raising=False)
+        mp.delenv(FAIL_DURING_ENV, raising=False)
+        run = _run(tmp_path_factory.mktemp("ref") / "run", ablation=True)
+    return artifact_digests(run)
+
+
+STEPS = ["corpus", "round-0/pretrain", "round-0/eval", "round-1/captioner", "round-1/filter", "round-1/pipeline",
+         "round-1/pretrain", "round-1/eval", "ablation/raw/pretrain", "ablation/filter/eval"]
+
+
+@pytest.mark.parametrize("variable", [FAIL_AFTER_ENV, FAIL_DURING_ENV])
+def test_crash_at_every_step_boundary_then_rerun_gives_the_same_artifacts(
+    tmp_path: Path, fakes: None, monkeypatch: pytest.MonkeyPatch, reference: dict[str, str], variable: str
+) -> None:
+    run = tmp_path / "run"
+    for step in STEPS:  # crash at each step in turn, on one run directory
+        monkeypatch.setenv(variable, step)
+        with pytest.raises(InjectedFault, match=step):
+            _run(run, ablation=True)
+        assert State(run / "state.json").done(step) == (variable == FAIL_AFTER_ENV)
+    monkeypatch.delenv(variable)
+    _run(run, ablation=True)
+    assert artifact_digests(run) == reference
+    table = json.loads((run / "ablation.json").read_text())["variants"]
+    assert [row["variant"] for row in table] == ["raw", "filter", "captioner", "capfilt"]
+    assert {"txt_r1", "img_r1", "cider", "pairs"} <= set(table[0])
+
+
+def test_ablation_variants_differ_only_in_selection(tmp_path: Path, fakes: None) -> None:
+    import pyarrow.parquet as pq
+
+    run = _run(tmp_path / "run", ablation=True)
+    counts = {}
+    for variant in ("raw", "filter", "captioner"):
+        table = pq.read_table(run / "ablation" / variant / "pretrain" / "data" / "pairs.parquet")
+        counts[variant] = {s: table.column("source").to_pylist().count(s) for s in ("human", "web", "synthetic")}
+    capfilt = pq.read_table(run / "round-1" / "pretrain" / "data" / "pairs.parquet").column("source").to_pylist()
+    samples = pq.read_table(run / "round-1" / "pipeline" / "samples").to_pylist()
+    kept_web = sum(s["web_kept"] for s in samples)
+    assert counts["raw"] == {"human": 6, "web": 24, "synthetic": 0}
+    assert counts["filter"] == {"human": 6, "web": kept_web, "synthetic": 0}
+    assert counts["captioner"] == {"human": 6, "web": 24, "synthetic": 24}
+    assert capfilt.count("web") == kept_web and 0 < kept_web < 24
+    out = json.loads((run / "ablation.json").read_text())["variants"]
+    assert [r["pairs"] for r in out] == [30, 6 + kept_web, 54, len(capfilt)]
+
+
+def test_kill_9_mid_step_then_rerun_gives_the_same_artifacts(tmp_path: Path, fakes: None,
+                                                             reference: dict[str, str]) -> None:
+    run = tmp_path / "run"
+    env = {**os.environ, STEP_DELAY_ENV: "0.4"}
+    proc = subprocess.Popen([sys.executable, __file__, str(run)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        # kill while round 1's pipeline is half written (a shard committed, the step not)
+        while not list((run / "round-1" / ".pipeline.partial" / "samples").glob("shard-*.parquet")):
+            assert proc.poll() is None, "the bootstrap subprocess ended before it could be killed"
+            assert time.monotonic() < deadline, "the bootstrap subprocess never reached the pipeline"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "round-1" / "pipeline").exists()
+    _run(run, ablation=True)
+    assert artifact_digests(run) == reference
+
+
+if __name__ == "__main__":  # the kill -9 test's subprocess
+    install_fakes(bootstrap)
+    bootstrap._build_report = lambda run_dir: None  # type: ignore[assignment]
+    _run(Path(sys.argv[1]), ablation=True)
