@@ -19,9 +19,7 @@ from PIL import Image
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ["no_proxy"] = "127.0.0.1,localhost"
 
-WORDS = (
-    "a picture of red blue green yellow circle square triangle star on the left right top small big".split()
-)
+from support import WORDS, tiny_med  # noqa: E402
 
 
 def save_tiny_model(directory: Path, *, seed: int, calibrate_itm: bool = False) -> Path:
@@ -31,17 +29,7 @@ def save_tiny_model(directory: Path, *, seed: int, calibrate_itm: bool = False) 
     ``calibrate_itm`` the head is rescaled so that, on images and texts like the tests', the
     match probabilities spread around 0.5: a 0.5 threshold then keeps some texts and drops others.
     """
-    from model.med import MED, MEDConfig
-    from model.tokenizer import special_ids, train_tokenizer
-
-    tokenizer = train_tokenizer([" ".join(WORDS)] * 4, vocab_size=120)
-    config = MEDConfig.preset("tiny").replace(
-        image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
-        vision_intermediate=64, text_width=32, text_layers=1, text_heads=2, text_intermediate=64,
-        queue_size=64, embed_dim=16, max_position_embeddings=48, **special_ids(tokenizer),
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    med = MED(config).eval()
+    med, tokenizer = tiny_med(seed=seed)
     if calibrate_itm:
         _calibrate_itm(med, tokenizer)
     med.save(directory, tokenizer)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import tiny_med
 
 from capfilt.config import CaptionConfig, FilterConfig
 from capfilt.stages.caption import (
@@ -22,24 +23,11 @@ from capfilt.stages.caption import (
 )
 from capfilt.stages.filter import Filter
 from capfilt.stages.select import object_array
-from model.med import MED, MEDConfig
-from model.tokenizer import special_ids, train_tokenizer
-
-WORDS = (
-    "a picture of red blue green yellow circle square triangle star on the left right top small big".split()
-)
 
 
 def save_tiny_model(directory: Path, *, seed: int) -> Path:
-    """A randomly initialised, very small MED (32 px, width 32) with a trained tokenizer."""
-    tokenizer = train_tokenizer([" ".join(WORDS)] * 4, vocab_size=120)
-    config = MEDConfig.preset("tiny").replace(
-        image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
-        vision_intermediate=64, text_width=32, text_layers=1, text_heads=2, text_intermediate=64,
-        queue_size=64, embed_dim=16, max_position_embeddings=48, **special_ids(tokenizer),
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    MED(config).save(directory, tokenizer)
+    med, tokenizer = tiny_med(seed=seed)
+    med.save(directory, tokenizer)
     return directory
 
 

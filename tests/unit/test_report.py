@@ -1,13 +1,11 @@
 """capfilt report: one self-contained HTML page, checked as text and rendered in Chromium.
 
-The run directory comes from ``test_export.make_run`` (pytest runs with importlib mode, so
-sibling test modules are loaded by path rather than imported by name).
+The run directory comes from ``support.make_run`` (tests/support.py).
 """
 
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import math
@@ -17,29 +15,17 @@ import shutil
 import subprocess
 import tarfile
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import support as fixtures  # noqa: E402  (tests/ is on pytest's pythonpath)
 from PIL import Image, ImageStat
 
 from capfilt.errors import UserError
 from capfilt.report import THUMBNAIL_SIDE, _Candidates, build_report
 
-
-def _load_fixtures() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "capfilt_test_export_fixtures", Path(__file__).with_name("test_export.py")
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fixtures = _load_fixtures()
 THUMB = '<img src="data:image/jpeg;base64,'
 
 

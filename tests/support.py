@@ -1,0 +1,268 @@
+"""Shared test builders: tiny MED checkpoints and hand-built run directories.
+
+Imported by name from tests (pytest's ``pythonpath`` includes ``tests/``), so fixtures are
+written once instead of being copied between test modules.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+#: Words the tiny test tokenizer knows; captions in tests are drawn from them.
+WORDS = (
+    "a picture of red blue green yellow circle square triangle star on the left right top small big".split()
+)
+
+
+def tiny_med(*, seed: int):
+    """A randomly initialised, very small MED (32 px input, width 32) and its trained tokenizer."""
+    import torch
+
+    from model.med import MED, MEDConfig
+    from model.tokenizer import special_ids, train_tokenizer
+
+    tokenizer = train_tokenizer([" ".join(WORDS)] * 4, vocab_size=120)
+    config = MEDConfig.preset("tiny").replace(
+        image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
+        vision_intermediate=64, text_width=32, text_layers=1, text_heads=2, text_intermediate=64,
+        queue_size=64, embed_dim=16, max_position_embeddings=48, **special_ids(tokenizer),
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return MED(config).eval(), tokenizer
+
+
+# --------------------------------------------------------------------------- run directories
+# A run directory written the way DESIGN.md "Run directory" specifies (pyarrow for the parquet
+# files, webdataset's TarWriter for the image shards), independently of the pipeline, so export
+# and report are checked against the contract rather than against what the pipeline writes.
+
+THRESHOLD = 0.5
+COLORS = ["red", "green", "blue", "orange", "purple", "teal", "olive", "navy"]
+
+CONFIG_YAML = """\
+input:
+  path: urls.parquet
+  format: parquet
+  url_col: URL
+  text_col: TEXT
+  keep_cols: [similarity]
+caption:
+  model: runs/captioner-tiny
+  num_captions: 2
+  top_p: 0.9
+filter:
+  model: runs/filter-tiny
+  threshold: {threshold}
+  keep_web: true
+  keep_synthetic: 2
+output:
+  dir: {dir}
+  rows_per_shard: {rows_per_shard}
+"""
+
+
+def _status(r: int) -> tuple[str, str]:
+    """A mix of outcomes: most rows ok, some failed in the ways the download stage reports."""
+    if r % 7 == 3:
+        return "download_failed", "HTTP 404"
+    if r % 11 == 5:
+        return "invalid_url", "scheme 'ftp' is not http(s)"
+    if r % 13 == 8:
+        return "decode_failed", "cannot identify image file"
+    return "ok", ""
+
+
+def _image(r: int) -> bytes:
+    """A small JPEG: a coloured square on a contrasting background, different per row."""
+    image = Image.new("RGB", (64, 48), (40 * (r % 6), 200 - 10 * (r % 9), 30 + 20 * (r % 5)))
+    draw = ImageDraw.Draw(image)
+    x = 4 + (r * 7) % 30
+    draw.rectangle([x, 8, x + 24, 36], fill=COLORS[r % len(COLORS)])
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _score(r: int, salt: int, offset: float) -> float:
+    return round(min(1.0, max(0.0, ((r * salt + 11) % 100) / 100 + offset)), 4)
+
+
+def make_run(
+    run_dir: Path,
+    *,
+    shard_sizes: tuple[int, ...] = (6, 6, 4),
+    offset: float = 0.0,
+    with_manifest: bool = True,
+) -> dict[str, Any]:
+    """Write a run directory; returns what it holds (rows, kept pairs by source, samples).
+
+    ``offset`` shifts every ITM score, so bootstrap rounds can differ. Row 0 has an empty web
+    text (never kept, scored NaN); failed rows have no captions and NaN scores.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows_per_shard = max(shard_sizes)
+    (run_dir / "config.yaml").write_text(
+        CONFIG_YAML.format(threshold=THRESHOLD, dir=run_dir, rows_per_shard=rows_per_shard), encoding="utf-8"
+    )
+    for sub in ("samples", "images", "dataset"):
+        (run_dir / sub).mkdir(exist_ok=True)
+    all_samples: list[dict[str, Any]] = []
+    pairs: list[dict[str, Any]] = []
+    r = 0
+    for shard, size in enumerate(shard_sizes):
+        stem = f"shard-{shard:05d}"
+        samples: list[dict[str, Any]] = []
+        dataset: list[dict[str, Any]] = []
+        with wds.TarWriter(str(run_dir / "images" / f"{stem}.tar")) as tar:
+            for _ in range(size):
+                key = f"00000_{r:09d}"
+                status, error = _status(r)
+                row: dict[str, Any] = {
+                    "key": key,
+                    "url": f"http://127.0.0.1:9/img/{r}.jpg",
+                    "web_text": "" if r == 0 else f"photo {r} of a {COLORS[r % len(COLORS)]} square",
+                    "status": status,
+                    "error": error,
+                    "synthetic_texts": [],
+                    "web_itm": math.nan,
+                    "synthetic_itm": [],
+                    "web_kept": False,
+                    "synthetic_kept": [],
+                    "similarity": 0.3 + r / 100,
+                }
+                if status == "ok":
+                    tar.write({"__key__": key, "jpg": _image(r), "json": {"key": key, "url": row["url"]}})
+                    texts = [f"a picture of a {COLORS[r % len(COLORS)]} box {r}", f"a picture of thing {r}"]
+                    scores = [_score(r, 53, offset), _score(r, 71, offset)]
+                    web_itm = math.nan if not row["web_text"] else _score(r, 37, offset)
+                    row.update(
+                        synthetic_texts=texts,
+                        web_itm=web_itm,
+                        synthetic_itm=scores,
+                        web_kept=bool(row["web_text"]) and web_itm >= THRESHOLD,
+                        synthetic_kept=[s >= THRESHOLD for s in scores],
+                    )
+                    kept = [(row["web_text"], "web", web_itm)] if row["web_kept"] else []
+                    kept += [
+                        (t, "synthetic", s)
+                        for t, s, k in zip(texts, scores, row["synthetic_kept"], strict=True)
+                        if k
+                    ]
+                    for text, source, itm in kept:
+                        dataset.append(
+                            {
+                                "key": key,
+                                "text": text,
+                                "source": source,
+                                "itm": itm,
+                                "shard": shard,
+                                "image_tar": f"images/{stem}.tar",
+                                "image_member": f"{key}.jpg",
+                            }
+                        )
+                samples.append(row)
+                r += 1
+        pq.write_table(
+            pa.Table.from_pylist(samples, schema=_SAMPLES_SCHEMA), run_dir / "samples" / f"{stem}.parquet"
+        )
+        pq.write_table(
+            pa.Table.from_pylist(dataset, schema=_DATASET_SCHEMA), run_dir / "dataset" / f"{stem}.parquet"
+        )
+        all_samples += samples
+        pairs += dataset
+    kept = dict(Counter(p["source"] for p in pairs))
+    status_counts = dict(Counter(s["status"] for s in all_samples))
+    if with_manifest:
+        manifest = {
+            "input_rows": len(all_samples),
+            "rows": len(all_samples),
+            "complete": True,
+            "shards": {"total": len(shard_sizes), "committed": len(shard_sizes)},
+            "status": status_counts,
+            "kept": {"web": kept.get("web", 0), "synthetic": kept.get("synthetic", 0)},
+            "models": {"caption": ["runs/captioner-tiny"], "filter": ["runs/filter-tiny"]},
+            "versions": {"capfilt": "0.1.0", "torch": "2.13.0", "ray": "2.60.0"},
+            "started_at": "2025-01-01T00:00:00+00:00",
+            "finished_at": "2025-01-01T00:01:40+00:00",
+            "timing": {
+                "wall_s": 100.0,
+                "rows_per_s": 0.16,
+                "stages": [
+                    {"operator": "MapBatches(download)", "rows": 16, "wall_s": 3.1, "rows_per_s": 5.2}
+                ],
+            },
+        }
+        (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return {
+        "rows": len(all_samples),
+        "kept": kept,
+        "status": status_counts,
+        "samples": all_samples,
+        "pairs": pairs,
+    }
+
+
+_SAMPLES_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("web_text", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("synthetic_texts", pa.list_(pa.string())),
+        ("web_itm", pa.float64()),
+        ("synthetic_itm", pa.list_(pa.float64())),
+        ("web_kept", pa.bool_()),
+        ("synthetic_kept", pa.list_(pa.bool_())),
+        ("similarity", pa.float64()),
+    ]
+)
+_DATASET_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("text", pa.string()),
+        ("source", pa.string()),
+        ("itm", pa.float64()),
+        ("shard", pa.int32()),
+        ("image_tar", pa.string()),
+        ("image_member", pa.string()),
+    ]
+)
+
+
+def make_bootstrap(root: Path, *, rounds: int = 2, unfinished: bool = True) -> list[dict[str, Any]]:
+    """A bootstrap directory: round-K/pipeline runs, round-K/eval.json, metrics.jsonl.
+
+    With ``unfinished`` an extra round directory exists without pipeline output, as while a
+    round is still running; the latest *finished* round is the default.
+    """
+    infos, lines = [], []
+    for k in range(1, rounds + 1):
+        infos.append(make_run(root / f"round-{k}" / "pipeline", shard_sizes=(6, 5), offset=0.1 * (k - 1)))
+        metrics = {
+            "round": k,
+            "txt_r1": 0.2 + 0.1 * k,
+            "img_r1": 0.15 + 0.1 * k,
+            "cider": 0.4 + 0.2 * k,
+            "bleu4": 0.05 * k,
+            "filter_auc": 0.6 + 0.05 * k,
+            "kept_web": infos[-1]["kept"].get("web", 0),
+            "kept_synthetic": infos[-1]["kept"].get("synthetic", 0),
+        }
+        (root / f"round-{k}" / "eval.json").write_text(json.dumps(metrics), encoding="utf-8")
+        lines.append(json.dumps(metrics))
+    if unfinished:
+        (root / f"round-{rounds + 1}" / "pipeline").mkdir(parents=True)
+    (root / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return infos
+
