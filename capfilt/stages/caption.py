@@ -14,6 +14,10 @@ Determinism: every row's sampling is driven by a seed that is a stable hash of
 (seed, caption index, step). A sample's captions therefore depend on the model, the image,
 the seed and the key only, not on batch size, actor count or where a resumed run restarted.
 
+torch is imported inside the functions that use it: Ray's download, preprocess and select
+tasks import this module (through ``capfilt.pipeline``) and must not pay torch's multi-second
+import in every worker process, which on a small CPU box delays the first batch.
+
 Failure is data: a model error on a batch is retried row by row, and the rows that still fail
 get status ``caption_failed`` with the error; the stage never raises on bad rows.
 """
@@ -26,15 +30,17 @@ import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from capfilt.errors import UserError
 from capfilt.stages.select import object_array
 from capfilt.stages.status import Status
+
+if TYPE_CHECKING:
+    import torch
 
 BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 """Per-channel mean of BLIP's image processor (the CLIP/OpenAI statistics)."""
@@ -80,6 +86,8 @@ def resolve_model(spec: str) -> Path:
 
 def resolve_device(num_gpus: float, device: str | None = None) -> torch.device:
     """``cuda`` when the stage was given GPUs and one is visible, else ``cpu``."""
+    import torch
+
     if device is not None:
         return torch.device(device)
     if num_gpus > 0:
@@ -91,6 +99,8 @@ def resolve_device(num_gpus: float, device: str | None = None) -> torch.device:
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto``: bfloat16 on GPU (A100/H100 run it at full speed), float32 on CPU."""
+    import torch
+
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
@@ -171,6 +181,8 @@ def preprocess(batch: Mapping[str, np.ndarray], *, sizes: Sequence[int]) -> Batc
 
 def pixel_values(pixels: np.ndarray, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> normalised (B, 3, H, W) on ``device`` (BLIP mean/std)."""
+    import torch
+
     x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(BLIP_MEAN, device=device).view(1, 3, 1, 1)
@@ -240,6 +252,8 @@ class Captioner:
 
     def _generate(self, index: int, pixels: np.ndarray, seeds: np.ndarray) -> list[list[str]]:
         """Captions of one model for a chunk of images: a list of K strings per image."""
+        import torch
+
         med, tokenizer = self.models[index]
         cfg = self.cfg
         k = cfg.num_captions
