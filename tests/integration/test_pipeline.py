@@ -333,3 +333,27 @@ def test_dry_run_prints_the_plan_without_network_or_models(name: str, tmp_path: 
     assert not (tmp_path / "out").exists(), "a dry run writes nothing"
     if name == "laion.yaml":
         assert "num_gpus=1" in result.output and "downloaded at run time" in result.output
+
+
+def test_existing_webdataset_shards_as_input(
+    reference: Path, config_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """img2dataset-layout tars (here: the reference run's images/) are read without downloading."""
+    out = tmp_path_factory.mktemp("runs") / "from_webdataset"
+    run_cli(
+        config_file,
+        out,
+        f"input.path={reference / write.IMAGES_DIR}/*.tar",
+        "input.format=webdataset",
+        "input.keep_cols=[]",
+    )
+    got = samples(out)
+    ok = [r for r in samples(reference) if r["status"] == "ok"]
+    assert sorted(r["key"] for r in got) == sorted(r["key"] for r in ok)
+    by_key = {r["key"]: r for r in got}
+    for row in ok:
+        again = by_key[row["key"]]
+        assert again["status"] == "ok", again["error"]
+        assert (again["url"], again["web_text"]) == (row["url"], row["web_text"])
+        assert 1 <= len(again["synthetic_texts"]) <= 2
+    assert json.loads((out / "manifest.json").read_text())["status"] == {"ok": len(ok)}
