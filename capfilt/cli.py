@@ -17,6 +17,10 @@ from typing import Annotated
 import typer
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# OpenMP threads that busy-wait starve the data-loader workers and Ray tasks sharing the cores:
+# on 2 busy cores a pre-training step ran at 5 samples/s with the default policy and 45 with
+# PASSIVE (benchmarks/README.md). Set before torch is imported; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(
     name="capfilt",
