@@ -28,7 +28,7 @@ import hashlib
 import io
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -150,6 +150,26 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
 
 def is_ok(status: Any) -> bool:
     return str(status) == Status.ok
+
+
+def isolate_failures(run: Callable[[int, int], Sequence[Any]], size: int) -> list[Any]:
+    """``run(start, stop)`` for all items; if it raises, retry item by item.
+
+    Returns one result per item, the exception in place of an item that fails alone, so one
+    bad sample costs its own row (caption_failed / filter_failed), never its batch's.
+    """
+    try:
+        return list(run(0, size))
+    except Exception as err:  # noqa: BLE001
+        if size == 1:
+            return [err]
+    results: list[Any] = []
+    for j in range(size):
+        try:
+            results.append(run(j, j + 1)[0])
+        except Exception as err:  # noqa: BLE001
+            results.append(err)
+    return results
 
 
 def preprocess(batch: Mapping[str, np.ndarray], *, sizes: Sequence[int]) -> Batch:
@@ -278,18 +298,7 @@ class Captioner:
         self, index: int, pixels: np.ndarray, seeds: np.ndarray
     ) -> list[list[str] | BaseException]:
         """Like ``_generate`` but never raises: a failing chunk is retried one image at a time."""
-        try:
-            return list(self._generate(index, pixels, seeds))
-        except Exception as err:  # noqa: BLE001
-            if len(pixels) == 1:
-                return [err]
-        results: list[list[str] | BaseException] = []
-        for j in range(len(pixels)):
-            try:
-                results.append(self._generate(index, pixels[j : j + 1], seeds[j : j + 1])[0])
-            except Exception as err:  # noqa: BLE001
-                results.append(err)
-        return results
+        return isolate_failures(lambda a, b: self._generate(index, pixels[a:b], seeds[a:b]), len(pixels))
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> Batch:
         out = dict(batch)

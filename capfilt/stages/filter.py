@@ -30,6 +30,7 @@ from capfilt.stages.caption import (
     batch_pixels,
     error_text,
     is_ok,
+    isolate_failures,
     load_med,
     model_specs,
     pixel_values,
@@ -101,20 +102,9 @@ class Filter:
         self, index: int, pixels: np.ndarray, texts: Sequence[Sequence[str]]
     ) -> list[tuple[list[float], list[float]] | BaseException]:
         """Like ``_score`` but never raises: a failing chunk is retried one image at a time."""
-        try:
-            itm, itc = self._score(index, pixels, texts)
-            return list(zip(itm, itc, strict=True))
-        except Exception as err:  # noqa: BLE001
-            if len(texts) == 1:
-                return [err]
-        results: list[tuple[list[float], list[float]] | BaseException] = []
-        for j in range(len(texts)):
-            try:
-                itm, itc = self._score(index, pixels[j : j + 1], texts[j : j + 1])
-                results.append((itm[0], itc[0]))
-            except Exception as err:  # noqa: BLE001
-                results.append(err)
-        return results
+        return isolate_failures(
+            lambda a, b: list(zip(*self._score(index, pixels[a:b], texts[a:b]), strict=True)), len(texts)
+        )
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> Batch:
         out = dict(batch)
