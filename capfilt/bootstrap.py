@@ -19,7 +19,9 @@ moment and rerun ends with the same artifacts as an uninterrupted one.
 ``--ablation`` adds the small analogue of BLIP Table 1: at the same pre-training budget, MED
 pre-trained on (a) raw web + human, (b) filtered web + human, (c) web + unfiltered synthetic
 captions + human, (d) CapFilt's D_1; all four datasets are cut from round 1's pipeline output,
-so they share images, captions and filter scores and differ only in the selection rule.
+so they share images, captions and filter scores and differ only in the selection rule. When
+round 0 pre-trains from scratch on human + raw web pairs (``pretrain.round0_web``, the default),
+MED_0 is already (a) — same data, same settings — and is not trained a second time.
 
 Run directory::
 
@@ -27,7 +29,7 @@ Run directory::
     RUN/corpus/                       synthetic corpus (when generated)
     RUN/round-0/pretrain/  eval.json
     RUN/round-K/captioner/ filter/ pipeline/ pretrain/ eval.json   (captioner-2/ ... for ensembles)
-    RUN/ablation/{raw,filter,captioner}/pretrain/  eval.json
+    RUN/ablation/{filter,captioner}/pretrain/  eval.json   (+ raw/ unless MED_0 is the raw row)
 """
 
 from __future__ import annotations
@@ -500,6 +502,20 @@ def selected_pairs(pipeline_dir: Path, *, threshold: float | None, keep_web: boo
     return _pairs_table(keys, images, captions, sources)
 
 
+def _write_pairs(table: Any, path: Path, *, seed: int) -> None:
+    """A pre-training pairs table, rows in a seeded random order.
+
+    The loader shuffles row groups, then rows inside a row group (reads stay local at scale), so a
+    table written source by source (all human captions, then the web pairs) would give batches of
+    one source, and human captions written image by image would put ~13 images x 5 captions in a
+    batch of 64. Shuffling once here makes every row group, and so every batch, a random mix.
+    """
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(table.num_rows)
+    _write_parquet(table.take(order), path)
+
+
 def _write_parquet(table: Any, path: Path) -> None:
     import pyarrow.parquet as pq
 
@@ -585,7 +601,7 @@ class Bootstrap:
                               resumable=True))
             steps.append(Step(name=f"round-{r}/eval", target=rd / "eval.json", run=self._eval_step(r)))
         if ablation:
-            for variant in ABLATION_VARIANTS[:-1]:  # capfilt = round 1's own pretrain + eval
+            for variant in self.ablation_variants_to_train():
                 base = self.run_dir / "ablation" / variant
                 steps.append(Step(name=f"ablation/{variant}/pretrain", target=base / "pretrain",
                                   run=self._ablation_pretrain_step(variant), resumable=True))
@@ -646,7 +662,7 @@ class Bootstrap:
         def run(staging: Path, resuming: bool) -> None:
             data = staging / "data" / "pairs.parquet"
             if not data.is_file():
-                _write_parquet(self.pretrain_pairs(r), data)
+                _write_pairs(self.pretrain_pairs(r), data, seed=self.cfg.pretrain.train.seed + r)
             init = "scratch" if r == 0 or self.cfg.from_scratch else str(self.model_dir(r - 1))
             self._pretrain(data, init=init, staging=staging, resuming=resuming)
 
@@ -670,6 +686,19 @@ class Bootstrap:
             parts.append(self.variant_pairs("capfilt", r))
         return pa.concat_tables(parts)
 
+    def raw_is_round0(self) -> bool:
+        """Whether MED_0 already is the ablation's raw variant (so it is not pre-trained twice).
+
+        True when round 0 pre-trains from scratch on human + raw web pairs with the same settings
+        as every later pre-training: that is exactly the raw row's data and budget.
+        """
+        return raw_is_round0(self.cfg, self.corpus.web_pairs is not None)
+
+    def ablation_variants_to_train(self) -> list[str]:
+        """Variants with their own pre-training (capfilt is round 1's; raw may be round 0's)."""
+        skip = {"capfilt"} | ({"raw"} if self.raw_is_round0() else set())
+        return [v for v in ABLATION_VARIANTS if v not in skip]
+
     def variant_pairs(self, variant: str, r: int = 1) -> Any:
         """The web part of an ablation variant's data, cut from round ``r``'s pipeline output."""
         flt = self.cfg.pipeline.filter
@@ -688,7 +717,8 @@ class Bootstrap:
 
             data = staging / "data" / "pairs.parquet"
             if not data.is_file():
-                _write_parquet(pa.concat_tables([_human_pairs(self.corpus.human), self.variant_pairs(variant)]), data)
+                _write_pairs(pa.concat_tables([_human_pairs(self.corpus.human), self.variant_pairs(variant)]), data,
+                             seed=self.cfg.pretrain.train.seed + 1)
             # Same budget and start as round 1's MED: only the data differs.
             init = "scratch" if self.cfg.from_scratch else str(self.model_dir(0))
             self._pretrain(data, init=init, staging=staging, resuming=resuming)
@@ -855,11 +885,24 @@ _ABLATION_LABELS = {
 }
 
 
-def write_ablation(run_dir: Path) -> tuple[Path, str]:
-    """``ablation.json`` and the printed table (TR@1, IR@1, CIDEr) from the variants' eval.json."""
+def raw_is_round0(cfg: BootstrapConfig, has_web_pairs: bool) -> bool:
+    """See :meth:`Bootstrap.raw_is_round0`."""
+    return cfg.from_scratch and cfg.pretrain.round0_web and has_web_pairs
+
+
+def write_ablation(run_dir: Path, *, raw_from_round0: bool = False) -> tuple[Path, str]:
+    """``ablation.json`` and the printed table (TR@1, IR@1, CIDEr) from the variants' eval.json.
+
+    ``raw_from_round0``: the raw row is MED_0's evaluation (see :meth:`Bootstrap.raw_is_round0`).
+    """
     rows = []
     for variant in ABLATION_VARIANTS:
-        path = run_dir / "round-1" / "eval.json" if variant == "capfilt" else run_dir / "ablation" / variant / "eval.json"
+        if variant == "capfilt":
+            path = run_dir / "round-1" / "eval.json"
+        elif variant == "raw" and raw_from_round0:
+            path = run_dir / "round-0" / "eval.json"
+        else:
+            path = run_dir / "ablation" / variant / "eval.json"
         result = json.loads(path.read_text(encoding="utf-8"))
         row = metrics_row({**result, "variant": variant, "filter": None})
         row.pop("round", None)
@@ -946,7 +989,7 @@ def run_bootstrap(
     print("\n" + step_table(steps, state), flush=True)
     print(f"bootstrap: {total:.1f}s this invocation; metrics: {run_dir / METRICS_FILE}", flush=True)
     if cfg.ablation:
-        path, table = write_ablation(run_dir)
+        path, table = write_ablation(run_dir, raw_from_round0=boot.raw_is_round0())
         print(f"\nablation (same pre-training budget, test set):\n{table}\n{path}", flush=True)
     report = _build_report(run_dir)
     if report is not None:

@@ -331,7 +331,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 STEPS = ["corpus", "round-0/pretrain", "round-0/eval", "round-1/captioner", "round-1/filter", "round-1/pipeline",
-         "round-1/pretrain", "round-1/eval", "ablation/raw/pretrain", "ablation/filter/eval"]
+         "round-1/pretrain", "round-1/eval", "ablation/filter/pretrain", "ablation/captioner/eval"]
 
 
 @pytest.mark.parametrize("variable", [FAIL_AFTER_ENV, FAIL_DURING_ENV])
@@ -352,10 +352,27 @@ def test_crash_at_every_step_boundary_then_rerun_gives_the_same_artifacts(
     assert {"txt_r1", "img_r1", "cider", "pairs"} <= set(table[0])
 
 
-def test_ablation_variants_differ_only_in_selection(tmp_path: Path, fakes: None) -> None:
+def test_ablation_raw_row_is_med0_when_round0_trains_on_raw_web(tmp_path: Path, fakes: None) -> None:
+    """MED_0 (scratch, human + raw web, the same pretrain settings) is the raw row: not trained twice."""
     import pyarrow.parquet as pq
 
     run = _run(tmp_path / "run", ablation=True)
+    assert not (run / "ablation" / "raw").exists()
+    assert sorted(p.name for p in (run / "ablation").iterdir()) == ["captioner", "filter"]
+    round0 = pq.read_table(run / "round-0" / "pretrain" / "data" / "pairs.parquet").column("source").to_pylist()
+    assert (round0.count("human"), round0.count("web"), round0.count("synthetic")) == (6, 24, 0)
+    raw = json.loads((run / "ablation.json").read_text())["variants"][0]
+    assert raw["variant"] == "raw" and raw["pairs"] == 30
+    # Not equal when round 0 is not that model: the raw variant gets its own pre-training again.
+    for extra in ("pretrain.round0_web=false", "from_scratch=false"):
+        other = _run(tmp_path / extra.split(".")[-1], extra, ablation=True)
+        assert (other / "ablation" / "raw" / "eval.json").is_file()
+
+
+def test_ablation_variants_differ_only_in_selection(tmp_path: Path, fakes: None) -> None:
+    import pyarrow.parquet as pq
+
+    run = _run(tmp_path / "run", "pretrain.round0_web=false", ablation=True)
     counts = {}
     for variant in ("raw", "filter", "captioner"):
         table = pq.read_table(run / "ablation" / variant / "pretrain" / "data" / "pairs.parquet")
