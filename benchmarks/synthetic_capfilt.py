@@ -75,18 +75,20 @@ def _loadavg() -> list[float] | None:
 
 
 def plan_steps(seconds_left: float, rates: dict[str, float], batch: dict[str, int],
-               given: dict[str, int | None]) -> dict[str, int]:
+               given: dict[str, int | None], kinds: list[str] | None = None) -> dict[str, int]:
     """Training steps per kind that spend ``seconds_left`` in the ``TIME_SHARES`` split.
 
     ``rates`` are measured samples/s per kind. Explicit ``given`` steps are kept and their estimated
     time is taken out of what the others share. At least 10 steps each, so a smoke run trains all.
+    ``kinds``: plan only these (the ones still to run), sharing the time in their relative shares.
     """
-    fixed = {k: v for k, v in given.items() if v is not None}
-    left = seconds_left - len(TIME_SHARES) * RUN_OVERHEAD_S
+    shares = {k: v for k, v in TIME_SHARES.items() if kinds is None or k in kinds}
+    fixed = {k: v for k, v in given.items() if v is not None and k in shares}
+    left = seconds_left - len(shares) * RUN_OVERHEAD_S
     left -= sum(steps * batch[k] / rates[k] for k, steps in fixed.items())
-    share_total = sum(share for k, share in TIME_SHARES.items() if k not in fixed)
+    share_total = sum(share for k, share in shares.items() if k not in fixed)
     out = {}
-    for kind, share in TIME_SHARES.items():
+    for kind, share in shares.items():
         if kind in fixed:
             out[kind] = fixed[kind]
         else:
@@ -123,6 +125,24 @@ def write_config(kind: str, *, corpus: Path, out_dir: Path, steps: int, config_d
     path = config_dir / f"{kind}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def replan(steps: dict[str, int], done: str, measured_rate: float | None, *, seconds_left: float,
+           rates: dict[str, float], batch: dict[str, int], given: dict[str, int | None]) -> tuple[dict[str, int], float]:
+    """Step counts for the kinds after ``done``, refitted to the time actually left.
+
+    The calibration runs once, before pre-training; a machine that gets busier (or quieter) later
+    would blow (or waste) the budget. The ratio of ``done``'s calibrated to measured samples/s,
+    clamped to [0.5, 4], scales the later kinds' calibrated rates. Returns (steps, slowdown).
+    """
+    kinds = list(TIME_SHARES)
+    remaining = kinds[kinds.index(done) + 1 :]
+    if not remaining or not measured_rate:
+        return dict(steps), 1.0
+    slowdown = min(max(rates[done] / measured_rate, 0.5), 4.0)
+    scaled = {k: rates[k] / slowdown for k in remaining}
+    new = plan_steps(seconds_left, scaled, batch, given, kinds=remaining)
+    return {**steps, **new}, slowdown
 
 
 def batch_of(config: Path) -> int:
@@ -209,7 +229,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config_dir = out / "configs"
     models = out / "models"
     pretrained = str(models / "pretrain" / "model")
+    given = {"pretrain": args.pretrain_steps, "captioner": args.captioner_steps, "filter": args.filter_steps}
+    results["replans"] = []
+    previous: tuple[str, float | None] | None = None
     for kind in TIME_SHARES:
+        if previous is not None:
+            before = dict(steps)
+            seconds_left = budget_s - (time.perf_counter() - started) - EVAL_RESERVE_S
+            steps, slowdown = replan(steps, previous[0], previous[1], seconds_left=seconds_left, rates=rates,
+                                     batch=batch, given=given)
+            if steps != before:
+                results["replans"].append({"after": previous[0], "slowdown": slowdown, "seconds_left": seconds_left,
+                                           "steps": dict(steps)})
+                _log(f"replan after {previous[0]} (running at 1/{slowdown:.2f} of the calibrated speed, "
+                     f"{seconds_left:.0f}s left for training): " + ", ".join(f"{k} {steps[k]}" for k in steps))
         run_dir = models / kind
         shutil.rmtree(run_dir, ignore_errors=True)  # a rerun into the same --out starts afresh
         config = write_config(kind, corpus=corpus, out_dir=run_dir, init=None if kind == "pretrain" else pretrained,
@@ -222,6 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["seconds"][kind] = seconds
         results["train"][kind] = {"steps": steps[kind], "batch_size": batch[kind], "samples_per_s": rate,
                                   "curve": curve(rows)}
+        previous = (kind, rate)
         losses = {k: round(v, 3) for k, v in (rows[-1] if rows else {}).items() if k.startswith("loss")}
         _log(f"{kind}: {steps[kind]} steps x {batch[kind]} in {seconds:.0f}s, "
              f"{rate or float('nan'):.1f} samples/s, final {losses}")
