@@ -229,6 +229,13 @@ def test_embedded_default_loads_and_overrides_are_checked() -> None:
     assert cfg.rounds == 2 and cfg.pretrain.train.steps == 7 and cfg.corpus.synthetic
     repo = Path(__file__).resolve().parents[2]
     assert (repo / "pipelines" / "bootstrap_demo.yaml").read_text() == bootstrap.default_config_text()
+    # The larger-budget ablation config is the demo with more data and steps, nothing else.
+    demo = bootstrap.load_config(None, []).model_dump()
+    big = bootstrap.load_config(repo / "pipelines" / "bootstrap_ablation.yaml", []).model_dump()
+    changed = {(section, key) for section in demo for key in (demo[section] if isinstance(demo[section], dict) else [None])
+               if (demo[section] if key is None else demo[section][key]) != (big[section] if key is None else big[section][key])}
+    assert changed == {("corpus", "images"), ("corpus", "human_images"), ("corpus", "test_images"), ("pretrain", "train"),
+                       ("captioner", "train"), ("filter", "train"), ("output", "dir")}
     for override, message in [
         ("pipeline.caption.model=x", "pipeline.caption.model: set by bootstrap"),
         ("captioner.train.stepz=1", "captioner.train.stepz: unknown key (did you mean 'steps'?)"),
