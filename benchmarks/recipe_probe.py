@@ -4,7 +4,8 @@
 script answers the cheaper question asked while choosing that recipe: "after N steps, does setting
 X learn faster than setting Y". It runs the public code path (``capfilt.train.run_training`` on the
 example configs ``pipelines/train_{pretrain,captioner}_tiny.yaml`` with the corpus paths, step
-counts and any ``--pset`` / ``--cset`` changes applied) and prints one JSON line:
+counts and any ``--pset`` / ``--cset KEY=VALUE`` changes applied, as ``capfilt train --set``)
+and prints one JSON line:
 
 - retrieval on the first ``--limit`` test images: TR@1 / IR@1 after ITM re-rank, and ITC alone;
 - captions (beam 3): CIDEr and the attribute check (``capfilt.synth.check_caption``);
@@ -18,11 +19,11 @@ Examples (the corpus as the benchmark makes it, ``capfilt synth`` or ``synthetic
 
     python benchmarks/recipe_probe.py --corpus runs/synth --pretrain 300 --captioner 150
     python benchmarks/recipe_probe.py --corpus runs/synth --pretrain 300 --captioner 150 \\
-        --pset '{"model.overrides.patch_size": 4, "model.overrides.image_size": 32, "data.image_size": 32}' \\
-        --cset '{"data.image_size": 32}'
+        --pset model.overrides.patch_size=4 --pset model.overrides.image_size=32 --pset data.image_size=32 \\
+        --cset data.image_size=32
     # pre-training only, with the short-run ITC settings of the bootstrap demo:
     python benchmarks/recipe_probe.py --corpus runs/bootstrap/corpus --pretrain 150 \\
-        --pset '{"model.overrides.alpha": 0.0, "model.overrides.momentum": 0.99, "model.overrides.queue_size": 256}'
+        --pset model.overrides.alpha=0.0 --pset model.overrides.momentum=0.99 --pset model.overrides.queue_size=256
 """
 
 from __future__ import annotations
@@ -54,16 +55,6 @@ def _bench() -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def apply_dotted(cfg: dict[str, Any], changes: dict[str, Any]) -> None:
-    """``{"optim.lr": 1e-3}`` -> cfg["optim"]["lr"] = 1e-3 (missing sections are created)."""
-    for dotted, value in changes.items():
-        node = cfg
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
 
 
 def token_accuracy(model_path: str | Path, test: Path, limit: int, prompt: str) -> dict[str, float]:
@@ -114,8 +105,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--pretrain", type=int, default=0, help="pre-training steps (0: start from --init)")
     parser.add_argument("--captioner", type=int, default=0, help="captioner fine-tuning steps after that")
     parser.add_argument("--init", default=None, help="a model dir to start from instead of pre-training")
-    parser.add_argument("--pset", default="{}", help="JSON {dotted.key: value} changes to the pretrain config")
-    parser.add_argument("--cset", default="{}", help="JSON {dotted.key: value} changes to the captioner config")
+    parser.add_argument("--pset", action="append", default=[], metavar="KEY=VALUE",
+                        help="change to the pretrain config, as capfilt train --set (repeatable)")
+    parser.add_argument("--cset", action="append", default=[], metavar="KEY=VALUE",
+                        help="change to the captioner config, as capfilt train --set (repeatable)")
     parser.add_argument("--limit", type=int, default=300, help="test images to measure on")
     parser.add_argument("--k-test", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
@@ -125,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
+    from capfilt.config import apply_overrides
     from capfilt.eval import evaluate
     from capfilt.train import run_training
 
@@ -140,8 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         path = bench.write_config(kind, corpus=corpus, out_dir=out / kind, steps=steps, config_dir=out / "configs",
                                   init=None if kind == "pretrain" else model_path)
-        cfg = yaml.safe_load(path.read_text())
-        apply_dotted(cfg, json.loads(changes))
+        cfg = apply_overrides(yaml.safe_load(path.read_text()), changes)
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         started = time.perf_counter()
         run_training(kind, path)

@@ -503,7 +503,7 @@ def selected_pairs(pipeline_dir: Path, *, threshold: float | None, keep_web: boo
 
 
 def _write_pairs(table: Any, path: Path, *, seed: int) -> None:
-    """A pre-training pairs table, rows in a seeded random order.
+    """A pre-training pairs table, rows in a seeded random order, written atomically.
 
     The loader shuffles row groups, then rows inside a row group (reads stay local at scale), so a
     table written source by source (all human captions, then the web pairs) would give batches of
@@ -511,17 +511,12 @@ def _write_pairs(table: Any, path: Path, *, seed: int) -> None:
     batch of 64. Shuffling once here makes every row group, and so every batch, a random mix.
     """
     import numpy as np
-
-    order = np.random.default_rng(seed).permutation(table.num_rows)
-    _write_parquet(table.take(order), path)
-
-
-def _write_parquet(table: Any, path: Path) -> None:
     import pyarrow.parquet as pq
 
+    order = np.random.default_rng(seed).permutation(table.num_rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, row_group_size=512)
+    pq.write_table(table.take(order), tmp, row_group_size=512)
     os.replace(tmp, path)
 
 
@@ -692,7 +687,8 @@ class Bootstrap:
         True when round 0 pre-trains from scratch on human + raw web pairs with the same settings
         as every later pre-training: that is exactly the raw row's data and budget.
         """
-        return raw_is_round0(self.cfg, self.corpus.web_pairs is not None)
+        cfg = self.cfg
+        return cfg.from_scratch and cfg.pretrain.round0_web and self.corpus.web_pairs is not None
 
     def ablation_variants_to_train(self) -> list[str]:
         """Variants with their own pre-training (capfilt is round 1's; raw may be round 0's)."""
@@ -883,11 +879,6 @@ _ABLATION_LABELS = {
     "captioner": "captioner only",
     "capfilt": "captioner + filter (CapFilt)",
 }
-
-
-def raw_is_round0(cfg: BootstrapConfig, has_web_pairs: bool) -> bool:
-    """See :meth:`Bootstrap.raw_is_round0`."""
-    return cfg.from_scratch and cfg.pretrain.round0_web and has_web_pairs
 
 
 def write_ablation(run_dir: Path, *, raw_from_round0: bool = False) -> tuple[Path, str]:
