@@ -25,7 +25,7 @@ TINY = [
     "captioner.train.steps=2", "captioner.train.batch_size=8",
     "filter.train.steps=2", "filter.train.batch_size=8",
     "pipeline.download.image_size=32", "pipeline.output.rows_per_shard=10",
-    "pipeline.caption.num_captions=1", "pipeline.caption.max_length=8", "pipeline.caption.min_length=2",
+    "pipeline.caption.num_captions=1", "pipeline.caption.max_length=8", "pipeline.caption.min_length=6",
     "pipeline.filter.threshold=0.45",
     "eval.k_test=4", "eval.max_length=8", "eval.min_length=2", "eval.num_beams=1",
 ]  # fmt: skip
@@ -63,7 +63,11 @@ def test_minimal_bootstrap_end_to_end_and_rerun_is_a_noop(ray_session: str, tmp_
     assert manifest["status"].get("ok") == 24
     assert manifest["models"]["caption"] == [str(run / "round-1" / "captioner" / "hf")]
     samples = pq.read_table(run / "round-1" / "pipeline" / "samples").to_pylist()
-    assert all(len(s["synthetic_texts"]) == 1 for s in samples)
+    # One caption per image (num_captions=1); a 2-step model may still write a caption that decodes
+    # to nothing, which the caption stage drops rather than keeping an empty text.
+    assert all(len(s["synthetic_texts"]) <= 1 for s in samples)
+    assert all(t.strip() for s in samples for t in s["synthetic_texts"])
+    assert sum(len(s["synthetic_texts"]) for s in samples) > len(samples) // 2
 
     # D_1 = human pairs + exactly what the pipeline kept
     pairs = pq.read_table(run / "round-1" / "pretrain" / "data" / "pairs.parquet").to_pylist()
