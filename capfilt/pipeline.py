@@ -513,6 +513,9 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDi
         num_cpus=stages["read"].num_cpus,
     )
     download = stages["download"]
+    # A read task returns a whole file or row-group range as one block; cut it (streaming, no
+    # shuffle) into download-batch blocks so that the download tasks run in parallel.
+    ds = ds.repartition(target_num_rows_per_block=download.batch_size or 1)
     ds = ds.map_batches(
         _download_batch,
         fn_kwargs={"cfg": cfg.download},

@@ -1,0 +1,114 @@
+"""Worker-side reads and writes: list inputs read by tasks, output to an fsspec URL, and a driver
+that never receives image bytes (download-only runs through the CLI, one Ray session)."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import capfilt.pipeline as pipeline
+from capfilt.cli import app
+from capfilt.serve import LoopbackServer
+from capfilt.stages import write
+from capfilt.stages.read import make_key
+
+pytestmark = pytest.mark.integration
+
+ROWS_PER_SHARD = 3
+
+
+@pytest.fixture(scope="module")
+def served(image_dir: Path) -> Iterator[str]:
+    with LoopbackServer(directory=image_dir) as server:
+        yield server.url
+
+
+def _input_files(root: Path, base: str) -> list[Path]:
+    """Two CSV files (5 + 3 rows) mixing good images and failures."""
+    first = [f"{base}/good{i}.jpg,image {i}" for i in range(4)] + [f"{base}/status/404,missing"]
+    second = [f"{base}/good5.jpg,five", f"{base}/notimage.jpg,not an image", "ftp://x/y.jpg,bad scheme"]
+    paths = []
+    for name, lines in (("part-a.csv", first), ("more/part-b.csv", second)):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("URL,TEXT\n" + "\n".join(lines) + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def _config(root: Path, inputs: list[str], out: str) -> Path:
+    config = {
+        "input": {"path": inputs, "format": "csv"},
+        "download": {"image_size": 32, "threads": 2, "timeout_s": 5, "retries": 0, "min_image_size": 16},
+        "output": {"dir": out, "rows_per_shard": ROWS_PER_SHARD},
+    }
+    path = root / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def test_list_input_file_url_output_and_no_image_bytes_at_the_driver(
+    ray_session: str, served: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = _input_files(tmp_path / "in", served)
+    out = tmp_path / "out" / "run"
+    config = _config(tmp_path, [str(a), str(tmp_path / "in" / "more" / "*.csv")], f"file://{out}")
+
+    seen: list[list[str]] = []
+    real = pipeline._driver_batches
+
+    def recording(ds):  # what the driver's loop receives, batch by batch
+        for batch in real(ds):
+            seen.append(batch.column_names)
+            yield batch
+
+    monkeypatch.setattr(pipeline, "_driver_batches", recording)
+    result = CliRunner().invoke(app, ["run", str(config)])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+
+    assert seen and all(names == ["shard", "rows", "part"] for names in seen), seen
+    table = pq.read_table(out / write.SAMPLES_DIR)
+    rows = table.to_pylist()
+    keys = [make_key(0, i) for i in range(5)] + [make_key(1, i) for i in range(3)]
+    assert [r["key"] for r in rows] == keys, "list order, then row order; today's key scheme"
+    assert [r["status"] for r in rows] == ["ok"] * 4 + [
+        "download_failed",
+        "ok",
+        "decode_failed",
+        "invalid_url",
+    ]
+    assert sorted(p.name for p in (out / write.SAMPLES_DIR).iterdir()) == [
+        "shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet",
+    ]  # fmt: skip
+    with tarfile.open(out / write.IMAGES_DIR / "shard-00001.tar") as tar:
+        names = tar.getnames()
+    assert names == [f"{key}.{ext}" for key in (make_key(0, 3), make_key(1, 0)) for ext in ("jpg", "json")]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["input_rows"] == manifest["rows"] == 8
+    assert manifest["status"] == {"decode_failed": 1, "download_failed": 1, "invalid_url": 1, "ok": 5}
+    assert manifest["kept"] == {"web": 5, "synthetic": 0}
+    leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp") or write.PARTS_DIR in p.parts]
+    assert leftovers == [], "no temporary files after a completed run"
+
+    # Resume after losing a shard: only that shard is redone, through the same URL.
+    for kind in (write.SAMPLES_DIR, write.DATASET_DIR):
+        (out / kind / "shard-00001.parquet").unlink()
+    kept = {p: p.stat().st_mtime_ns for p in (out / write.SAMPLES_DIR).iterdir()}
+    seen.clear()
+    result = CliRunner().invoke(app, ["run", str(config)])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert seen and all(names == ["shard", "rows", "part"] for names in seen)
+    again = json.loads((out / "manifest.json").read_text())
+    assert again["timing"]["rows_processed"] == ROWS_PER_SHARD and again["timing"]["shards_written"] == 1
+    assert {k: again[k] for k in ("rows", "status", "kept", "complete")} == {
+        k: manifest[k] for k in ("rows", "status", "kept", "complete")
+    }
+    assert pq.read_table(out / write.SAMPLES_DIR).equals(table)
