@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from capfilt import __version__
+from capfilt import __version__, rundir
 from capfilt.config import PipelineConfig, dump
 from capfilt.errors import UserError
 from capfilt.rundir import RunDir, dumps_json
@@ -606,6 +606,7 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | str | None:
     run_dir.write_text("config.yaml", dump(cfg))
     run_dir.clean_partial()
     done = run_dir.committed_shards()
+    _check_models(run_dir, cfg, resuming=bool(done))
 
     started_ray = False
     stage_stats: list[dict[str, Any]] = []
@@ -617,6 +618,15 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | str | None:
             cpus = {s.name: s.num_cpus for s in plan.stages}["read"] or 1.0
             count = _count_in_tasks(cfg, cpus)
         inputs = plan_input(cfg.input, rows_per_shard=cfg.output.rows_per_shard, done=done, count=count)
+        if done:  # verified resume: the input is the same, and every committed shard is whole
+            started_ray = _init_ray(cfg.ray.address) or started_ray
+            bad = _verify_committed(cfg, plan, run_dir, inputs, done)
+            for shard, reason in sorted(bad.items()):
+                print(f"capfilt: shard {shard}: {reason}; redoing it", file=sys.stderr)
+                rundir.remove_shard(run_dir, shard)
+            if bad:
+                done = done - set(bad)
+                inputs = inputs.with_done(done, cfg.output.rows_per_shard)
         input_rows = inputs.total_rows
         expected = shard_sizes(input_rows, cfg.output.rows_per_shard, done)
         todo_rows = sum(expected.values())
@@ -654,6 +664,137 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | str | None:
     run_dir.remove_parts_dir()
     run_dir.write_text("manifest.json", dumps_json(manifest))
     return Path(run_dir.root) if run_dir.local else run_dir.url
+
+
+# --------------------------------------------------------------------------- verified resume
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def model_fingerprints(cfg: PipelineConfig) -> dict[str, dict[str, str]]:
+    """sha256 over each local model's weight files (names and bytes, read in chunks).
+
+    Hub ids are recorded as such (their files are only fetched when a run loads them); pin a
+    revision to make a hub model reproducible.
+    """
+    import hashlib
+
+    out: dict[str, dict[str, str]] = {}
+    for stage, section in (("caption", cfg.caption), ("filter", cfg.filter)):
+        if section is None:
+            continue
+        out[stage] = {}
+        for spec in model_specs(section):
+            directory = Path(spec).expanduser()
+            if not directory.is_dir():
+                out[stage][spec] = "hub id (not hashed)"
+                continue
+            digest = hashlib.sha256()
+            for file in sorted(
+                p for p in directory.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
+            ):
+                digest.update(file.relative_to(directory).as_posix().encode() + b"\x00")
+                with open(file, "rb") as stream:
+                    while chunk := stream.read(1 << 22):
+                        digest.update(chunk)
+            out[stage][spec] = digest.hexdigest()
+    return out
+
+
+def _check_models(run: RunDir, cfg: PipelineConfig, *, resuming: bool) -> None:
+    """Refuse to resume with other model weights; record the fingerprints of a new run."""
+    current = model_fingerprints(cfg)
+    saved = run.read_text(rundir.FINGERPRINT_FILE)
+    if resuming and saved is not None:
+        old = (json.loads(saved) or {}).get("models", {})
+        for stage, specs in current.items():
+            for spec, sha in specs.items():
+                before = (old.get(stage) or {}).get(spec)
+                if before is not None and before != sha:
+                    raise UserError(
+                        f"{stage}.model: the weights of {spec} changed since shards of {run.url} were committed "
+                        f"(sha256 {before[:12]} -> {sha[:12]}); use another output.dir or delete it"
+                    )
+    if not resuming or saved is None:
+        run.write_text(rundir.FINGERPRINT_FILE, dumps_json({"models": current}))
+
+
+def _verify_shards(run: RunDir, items: list[tuple[int, int]]) -> list[tuple[int, str | None, dict[str, Any]]]:
+    """Verification task body: (shard, reason it is bad or None, what its commit recorded)."""
+    out = []
+    for shard, expected in items:
+        reason = rundir.verify_shard(run, shard, expected)
+        try:
+            recorded = rundir.shard_meta(run, shard)[1]
+        except Exception:  # noqa: BLE001 - an unreadable footer is already the reason
+            recorded = {}
+        out.append((shard, reason, recorded))
+    return out
+
+
+def _fingerprint_unit(unit: Any, cfg: Any, rows_per_shard: int) -> dict[int, list[int]]:
+    from capfilt.stages.read import fingerprint_unit
+
+    return fingerprint_unit(unit, cfg, rows_per_shard=rows_per_shard)
+
+
+VERIFY_SHARDS_PER_TASK = 16
+
+
+def _verify_committed(
+    cfg: PipelineConfig, plan: Plan, run: RunDir, inputs: Any, done: set[int]
+) -> dict[int, str]:
+    """Check every committed shard in Ray tasks; returns the bad ones with the reason.
+
+    An input that no longer gives a committed shard the rows it was written from (keys, URLs,
+    texts or row count; compared with the fingerprint its commit recorded) is a UserError:
+    mixing old and new rows in one run would be silent corruption.
+    """
+    import ray
+
+    rps = cfg.output.rows_per_shard
+    cpus = {s.name: s.num_cpus for s in plan.stages}["commit"]
+    sizes = {s: max(0, min(rps, inputs.total_rows - s * rps)) for s in done}
+    gone = sorted(s for s, n in sizes.items() if n == 0)
+    if gone:
+        raise UserError(
+            f"input.path: the input has {inputs.total_rows} rows, fewer than committed shard {gone[0]} of "
+            f"{run.url} needs; the input changed (use another output.dir or delete it)"
+        )
+    verify = ray.remote(_verify_shards).options(num_cpus=cpus, max_retries=COMMIT_RETRIES)
+    fingerprint = ray.remote(_fingerprint_unit).options(num_cpus=cpus, max_retries=COMMIT_RETRIES)
+    items = sorted(sizes.items())
+    checks = [
+        verify.remote(run, items[i : i + VERIFY_SHARDS_PER_TASK])
+        for i in range(0, len(items), VERIFY_SHARDS_PER_TASK)
+    ]
+    units = [u for u in inputs.with_done(done, rps, keep_done=True).units if u.skip_shards]
+    partials = [fingerprint.remote(unit, cfg.input, rps) for unit in units]
+    try:
+        results = [r for chunk in ray.get(checks) for r in chunk]
+        sums: dict[int, list[int]] = {}
+        for partial in ray.get(partials):
+            for shard, (n, term) in partial.items():
+                entry = sums.setdefault(int(shard), [0, 0])
+                entry[0] += n
+                entry[1] = (entry[1] + term) % 2**64
+    except Exception as err:
+        user = _user_error_in(err)
+        if user is not None:
+            raise UserError(str(user)) from None
+        raise
+    bad: dict[int, str] = {}
+    for shard, reason, recorded in results:
+        if "input_fingerprint" in recorded:
+            rows, value = sums.get(shard, [0, 0])
+            if rows != recorded.get("rows") or f"{value:016x}" != recorded["input_fingerprint"]:
+                raise UserError(
+                    f"input.path: the input changed since shard {shard} of {run.url} was committed "
+                    f"(its keys, URLs, texts or row count differ); use another output.dir or delete it"
+                )
+        if reason is not None:
+            bad[shard] = reason
+    return bad
 
 
 def _driver_batches(ds: Any) -> Any:

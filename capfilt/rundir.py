@@ -26,6 +26,7 @@ uncommitted shards, so a rerun starts from committed shards only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import fsspec
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -318,6 +320,107 @@ def clean_partial(run_dir: Path | str) -> list[Path]:
 
 def summarize(run_dir: Path | str) -> dict[str, Any]:
     return RunDir(run_dir).summarize()
+
+
+# --------------------------------------------------------------------------- verified resume
+
+SHARD_META_KEY = b"capfilt.shard"
+"""Schema metadata of a samples file: JSON with the shard's row count, its input fingerprint and
+the sha256 of its tar and dataset file (written by the commit, checked on resume)."""
+FINGERPRINT_FILE = "fingerprint.json"
+"""The run's model fingerprints (weights sha256 per model), written before the first shard."""
+
+
+def input_fingerprint_terms(rows: pa.Table) -> list[int]:
+    """One 64-bit term per row from (input row index, key, url, web text)."""
+    numbers = rows.column(ROW_COLUMN).to_pylist()
+    terms = []
+    for row, key, url, text in zip(
+        numbers,
+        rows.column("key").to_pylist(),
+        rows.column("url").to_pylist(),
+        rows.column("web_text").to_pylist(),
+        strict=True,
+    ):
+        digest = hashlib.sha256(
+            f"{row}\x00{key}\x00{url}\x00{text}".encode("utf-8", "surrogatepass")
+        ).digest()
+        terms.append(int.from_bytes(digest[:8], "little"))
+    return terms
+
+
+def input_fingerprint(rows: pa.Table) -> str:
+    """The shard's input fingerprint: the terms' sum mod 2^64 (order-free, so read tasks can add
+    up partial sums of a shard spread over several input units)."""
+    return f"{sum(input_fingerprint_terms(rows)) % 2**64:016x}"
+
+
+class HashingWriter:
+    """A write-only stream that forwards to ``stream`` and hashes what passes (sha256)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.stream.write(data) or len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def file_sha256(run: RunDir, path: str) -> str:
+    digest = hashlib.sha256()
+    with run.fs.open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shard_meta(run: RunDir, shard: int) -> tuple[int, dict[str, Any]]:
+    """(rows, recorded metadata) of a committed samples file; raises on an unreadable footer."""
+    with run.fs.open(run.shard_path(SAMPLES_DIR, shard), "rb") as stream:
+        meta = pq.ParquetFile(stream).metadata
+    raw = (meta.metadata or {}).get(SHARD_META_KEY)
+    return meta.num_rows, (json.loads(raw) if raw else {})
+
+
+def verify_shard(run: RunDir, shard: int, expected_rows: int) -> str | None:
+    """Why committed ``shard`` cannot be trusted, or None when it checks out.
+
+    Checks: samples footer readable with the expected row count; tar and dataset present;
+    dataset footer readable; the tar's and dataset's sha256 equal what the commit recorded
+    (shards written before checksums were recorded are checked without them).
+    """
+    try:
+        rows, recorded = shard_meta(run, shard)
+    except (OSError, pa.ArrowException, ValueError) as err:
+        return f"samples file unreadable ({' '.join(str(err).split())[:120]})"
+    if rows != expected_rows:
+        return f"{rows} rows in its samples file, the input gives it {expected_rows}"
+    for kind in (IMAGES_DIR, DATASET_DIR):
+        if not run.exists(run.shard_path(kind, shard)):
+            return f"{kind}/{shard_name(kind, shard)} is missing"
+    try:
+        with run.fs.open(run.shard_path(DATASET_DIR, shard), "rb") as stream:
+            pq.ParquetFile(stream).metadata  # noqa: B018 - reading the footer is the check
+    except (OSError, pa.ArrowException) as err:
+        return f"dataset file unreadable ({' '.join(str(err).split())[:120]})"
+    for kind, name in ((IMAGES_DIR, "images_sha256"), (DATASET_DIR, "dataset_sha256")):
+        if name in recorded and file_sha256(run, run.shard_path(kind, shard)) != recorded[name]:
+            return f"{kind}/{shard_name(kind, shard)} does not match its recorded sha256"
+    return None
+
+
+def remove_shard(run: RunDir, shard: int) -> None:
+    """Uncommit a shard: the samples file (the marker) first, then the others."""
+    run.remove([run.shard_path(kind, shard) for kind in reversed(SHARD_DIRS)])
 
 
 def dumps_json(data: Any) -> str:

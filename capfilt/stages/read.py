@@ -26,6 +26,7 @@ duplicate keys) raise :class:`capfilt.errors.UserError` naming the path or colum
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tarfile
@@ -448,10 +449,21 @@ class InputPlan:
     files: list[str]
     rows: list[int]
     units: list[ReadUnit]
+    row_groups: list[list[int]] = dataclasses.field(default_factory=list)  # parquet only
 
     @property
     def total_rows(self) -> int:
         return sum(self.rows)
+
+    def with_done(
+        self, done: set[int] | frozenset[int], rows_per_shard: int, *, keep_done: bool = False
+    ) -> InputPlan:
+        """The same files cut again for another set of committed shards (no re-counting).
+
+        ``keep_done`` keeps units wholly inside committed shards (to fingerprint their rows).
+        """
+        units = _cut_units(self.files, self.rows, self.row_groups, rows_per_shard, done, keep_done=keep_done)
+        return dataclasses.replace(self, units=units)
 
 
 def parquet_row_groups(file: str) -> list[int]:
@@ -512,11 +524,24 @@ def plan_input(
     else:
         groups = []
         rows = count(files) if count is not None else [count_rows(f, i, cfg) for i, f in enumerate(files)]
+    units = _cut_units(files, rows, groups, rows_per_shard, done)
+    return InputPlan(files=files, rows=rows, units=units, row_groups=groups)
+
+
+def _cut_units(
+    files: list[str],
+    rows: list[int],
+    groups: list[list[int]],
+    rows_per_shard: int,
+    done: set[int] | frozenset[int],
+    *,
+    keep_done: bool = False,
+) -> list[ReadUnit]:
     units: list[ReadUnit] = []
     offset = 0
     for index, file in enumerate(files):
         pieces: list[tuple[int, int, tuple[int, ...]]] = []
-        if cfg.format == "parquet":
+        if groups:
             start, chosen = 0, []
             for group in range(len(groups[index])):
                 chosen.append(group)
@@ -535,11 +560,30 @@ def plan_input(
             first = offset + start
             shards = range(first // rows_per_shard, (first + stop - start - 1) // rows_per_shard + 1)
             skip = tuple(s for s in shards if s in done)
-            if len(skip) == len(shards):
+            if len(skip) == len(shards) and not keep_done:
                 continue
             units.append(ReadUnit(file, index, start, stop, first, row_groups, skip))
         offset += rows[index]
-    return InputPlan(files=files, rows=rows, units=units)
+    return units
+
+
+def fingerprint_unit(unit: ReadUnit, cfg: InputConfig, *, rows_per_shard: int) -> dict[int, list[int]]:
+    """Verification task body: ``{shard: [rows, fingerprint sum]}`` over the unit's rows that
+    belong to its ``skip_shards`` (committed shards), to compare with what their commit recorded.
+    """
+    from capfilt.rundir import input_fingerprint_terms
+
+    table = read_unit(dataclasses.replace(unit, skip_shards=()), cfg, rows_per_shard=rows_per_shard)
+    shards = table.column(SHARD_COLUMN).to_numpy()
+    mask = np.isin(shards, list(unit.skip_shards))
+    table = table.filter(pa.array(mask))
+    terms = input_fingerprint_terms(table)
+    out: dict[int, list[int]] = {}
+    for shard, term in zip(shards[mask].tolist(), terms, strict=True):
+        entry = out.setdefault(int(shard), [0, 0])
+        entry[0] += 1
+        entry[1] = (entry[1] + term) % 2**64
+    return out
 
 
 def read_unit(unit: ReadUnit, cfg: InputConfig, *, rows_per_shard: int) -> pa.Table:

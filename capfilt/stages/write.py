@@ -58,12 +58,15 @@ from capfilt.rundir import (  # noqa: F401 - re-exported: export, report and boo
     ROW_COLUMN,
     SAMPLES_DIR,
     SHARD_COLUMN,
+    SHARD_META_KEY,
     SHARD_RE,
+    HashingWriter,
     RunDir,
     clean_partial,
     committed_shards,
     dataset_path,
     images_path,
+    input_fingerprint,
     samples_path,
     shard_stem,
     summarize,
@@ -277,12 +280,28 @@ def write_shard(
     run = _as_run(run)
     if ROW_COLUMN in rows.column_names:
         rows = rows.sort_by(ROW_COLUMN)
+    else:  # rows given without input row numbers (tests, tools): their order is the row order
+        rows = rows.append_column(ROW_COLUMN, pa.array(np.arange(rows.num_rows, dtype=np.int64)))
     samples = samples_table(rows, keep_cols=keep_cols)
     dataset = dataset_table(samples, shard=shard, image_ext=image_ext)
-    images = run.write_atomic(
-        run.shard_path(IMAGES_DIR, shard), lambda stream: write_images_tar(stream, rows, image_ext=image_ext)
-    )
-    run.write_atomic(run.shard_path(DATASET_DIR, shard), lambda stream: pq.write_table(dataset, stream))
+
+    def tar(stream: IO[bytes]) -> tuple[int, str]:
+        hashing = HashingWriter(stream)
+        count = write_images_tar(hashing, rows, image_ext=image_ext)  # type: ignore[arg-type]
+        return count, hashing.sha256.hexdigest()
+
+    images, images_sha = run.write_atomic(run.shard_path(IMAGES_DIR, shard), tar)
+    buffer = io.BytesIO()
+    pq.write_table(dataset, buffer)
+    dataset_bytes = buffer.getvalue()
+    run.write_atomic(run.shard_path(DATASET_DIR, shard), lambda stream: stream.write(dataset_bytes))
+    record = {
+        "rows": samples.num_rows,
+        "input_fingerprint": input_fingerprint(rows),
+        "images_sha256": images_sha,
+        "dataset_sha256": hashlib.sha256(dataset_bytes).hexdigest(),
+    }
+    samples = samples.replace_schema_metadata({SHARD_META_KEY: json.dumps(record, sort_keys=True)})
     run.write_atomic(run.shard_path(SAMPLES_DIR, shard), lambda stream: pq.write_table(samples, stream))
     return ShardSummary(
         shard=shard,

@@ -235,7 +235,7 @@ def test_a_crash_before_the_samples_file_leaves_the_shard_uncommitted(
     real_write_table = pq.write_table
 
     def dies_on_samples(table: pa.Table, where, *args, **kwargs) -> None:
-        if Path(where.name).parent.name == write.SAMPLES_DIR:
+        if Path(getattr(where, "name", "")).parent.name == write.SAMPLES_DIR:
             where.write(b"half a parq")  # what a kill mid-write leaves behind
             where.flush()
             raise KeyboardInterrupt("killed")
@@ -294,3 +294,84 @@ def test_shard_sizes_cover_every_row_and_skip_committed_shards() -> None:
     assert shard_sizes(10, 4, {0, 2}) == {1: 4}
     assert shard_sizes(10, 4, {0, 1, 2}) == {}
     assert shard_sizes(0, 4, set()) == {}
+
+
+# --------------------------------------------------------------------------- verified resume
+
+
+def test_verify_shard_finds_each_kind_of_damage(tmp_path: Path) -> None:
+    from capfilt import rundir
+
+    run = RunDir(tmp_path)
+
+    def fresh() -> None:
+        write.write_shard(tmp_path, 0, shard_rows([0, 1, 2, 3]))
+
+    fresh()
+    assert rundir.verify_shard(run, 0, 4) is None
+    recorded = rundir.shard_meta(run, 0)[1]
+    assert recorded["rows"] == 4 and len(recorded["images_sha256"]) == 64
+    assert "3 rows" not in (rundir.verify_shard(run, 0, 3) or "") and "4 rows" in rundir.verify_shard(
+        run, 0, 3
+    )
+    tar = write.images_path(tmp_path, 0)
+    tar.write_bytes(tar.read_bytes()[:-1024])  # truncated
+    assert "images/shard-00000.tar does not match its recorded sha256" in rundir.verify_shard(run, 0, 4)
+    fresh()
+    write.dataset_path(tmp_path, 0).unlink()
+    assert rundir.verify_shard(run, 0, 4) == "dataset/shard-00000.parquet is missing"
+    fresh()
+    write.samples_path(tmp_path, 0).write_bytes(b"not parquet")
+    assert rundir.verify_shard(run, 0, 4).startswith("samples file unreadable")
+    rundir.remove_shard(run, 0)
+    assert write.committed_shards(tmp_path) == set() and not write.images_path(tmp_path, 0).exists()
+
+
+def test_input_fingerprint_adds_up_over_read_units(tmp_path: Path) -> None:
+    from capfilt import rundir
+    from capfilt.config import InputConfig
+    from capfilt.stages.read import fingerprint_unit, plan_input, read_unit
+
+    pq.write_table(pa.table({"URL": [f"http://x/{i}" for i in range(7)], "TEXT": list("abcdefg")}),
+                   tmp_path / "a.parquet", row_group_size=2)  # fmt: skip
+    config = InputConfig(path=str(tmp_path / "a.parquet"))
+    import capfilt.stages.read as read
+
+    old, read.UNIT_ROWS = read.UNIT_ROWS, 2
+    try:
+        plan = plan_input(config, rows_per_shard=3)
+        done_plan = plan.with_done({0, 1}, 3, keep_done=True)
+        sums: dict[int, list[int]] = {}
+        for unit in done_plan.units:
+            for shard, (n, term) in fingerprint_unit(unit, config, rows_per_shard=3).items():
+                entry = sums.setdefault(shard, [0, 0])
+                entry[0] += n
+                entry[1] = (entry[1] + term) % 2**64
+        rows = pa.concat_tables([read_unit(u, config, rows_per_shard=3) for u in plan.units])
+        todo = plan.with_done({0, 1}, 3).units
+    finally:
+        read.UNIT_ROWS = old
+    assert len(done_plan.units) == 4 and [(u.start, u.skip_shards) for u in todo] == [(6, ())]
+    for shard in (0, 1):
+        mine = rows.filter(pa.compute.equal(rows.column(write.SHARD_COLUMN), shard))
+        assert sums[shard] == [3, int(rundir.input_fingerprint(mine), 16)]
+    changed = rows.set_column(2, "web_text", pa.array(["z"] * rows.num_rows))
+    assert rundir.input_fingerprint(changed) != rundir.input_fingerprint(rows)
+
+
+def test_resuming_with_other_model_weights_is_refused(tmp_path: Path) -> None:
+    from capfilt.config import PipelineConfig
+    from capfilt.pipeline import _check_models
+
+    model = tmp_path / "captioner"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights v1")
+    cfg = PipelineConfig(
+        input={"path": "x.parquet"}, caption={"model": str(model)}, output={"dir": str(tmp_path)}
+    )
+    run = RunDir(tmp_path / "run")
+    _check_models(run, cfg, resuming=False)
+    _check_models(run, cfg, resuming=True)  # same weights: fine
+    (model / "model.safetensors").write_bytes(b"weights v2")
+    with pytest.raises(UserError, match=r"^caption.model: the weights of .*captioner changed since shards"):
+        _check_models(run, cfg, resuming=True)
