@@ -3,8 +3,8 @@
     python benchmarks/object_store_bytes.py --out runs/bench-bytes [--rows 2000] [--model-rows 200]
         [--before-code DIR]
 
-Serves distinct 256x256 JPEGs on 127.0.0.1 and runs, each in a fresh subprocess with its own local
-Ray (2 CPUs):
+Serves distinct 256x256 JPEGs on 127.0.0.1 and starts one local Ray (2 CPUs); every run is a
+fresh subprocess (a driver joining that Ray, as with ``ray.address: auto`` on a cluster):
 
 * ``download``: ``--rows`` URL rows, download-only (no models), 500-row shards;
 * ``models``: ``--model-rows`` rows through a tiny captioner and filter whose vision towers take
@@ -142,7 +142,7 @@ def _models(root: Path) -> tuple[Path, Path]:
 
 
 def _write_config(
-    path: Path, *, urls: Path, out: Path, rows_per_shard: int, models: tuple[Path, Path] | None
+    path: Path, *, urls: Path, out: Path, rows_per_shard: int, models: tuple[Path, Path] | None, address: str
 ) -> None:
     import yaml
 
@@ -150,6 +150,7 @@ def _write_config(
         "input": {"path": str(urls)},
         "download": {"image_size": 384, "resize_mode": "keep_ratio", "threads": 8, "timeout_s": 10},
         "output": {"dir": str(out), "rows_per_shard": rows_per_shard},
+        "ray": {"address": address},
     }
     if models is not None:
         config["caption"] = {"model": str(models[0]), "max_length": 8, "min_length": 2, "batch_size": 16}
@@ -182,6 +183,11 @@ def main() -> None:
     if args.before_code is not None:
         versions = {"before": args.before_code.resolve(), **versions}
     results: dict[str, dict] = {}
+    import ray
+
+    # One Ray instance (2 CPUs) for every run: each run is a driver that joins it.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    address = ray.get_runtime_context().gcs_address
     with LoopbackServer(directory=out / "www") as server:
         for scenario, rows, shard, with_models in (
             ("download", args.rows, 500, None),
@@ -201,7 +207,12 @@ def main() -> None:
                 name = f"{scenario}-{version}"
                 config = out / f"{name}.yaml"
                 _write_config(
-                    config, urls=urls, out=out / "runs" / name, rows_per_shard=shard, models=with_models
+                    config,
+                    urls=urls,
+                    out=out / "runs" / name,
+                    rows_per_shard=shard,
+                    models=with_models,
+                    address=address,
                 )
                 result = out / f"{name}.json"
                 env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "no_proxy": "127.0.0.1,localhost"}
@@ -215,6 +226,7 @@ def main() -> None:
                 )
                 results[name] = {"rows": rows, **json.loads(result.read_text())}
                 _print(name, results[name])
+    ray.shutdown()
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
 

@@ -113,3 +113,37 @@ def test_list_input_file_url_output_and_no_image_bytes_at_the_driver(
         k: manifest[k] for k in ("rows", "status", "kept", "complete")
     }
     assert {kind: path.read_bytes() for kind, path in lost.items()} == before, "the redone shard is identical"
+
+
+def test_resume_redoes_damaged_shards_and_refuses_a_changed_input(
+    ray_session: str, served: str, tmp_path: Path
+) -> None:
+    a, b = _input_files(tmp_path / "in", served)
+    out = tmp_path / "run"
+    config = _config(tmp_path, [str(a), str(b)], str(out))
+    result = CliRunner().invoke(app, ["run", str(config)])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    files = sorted(
+        p for kind in (write.IMAGES_DIR, write.DATASET_DIR, write.SAMPLES_DIR) for p in (out / kind).iterdir()
+    )
+    before = {p: p.read_bytes() for p in files}
+    assert len(files) == 9 and (out / "fingerprint.json").is_file()
+
+    tar = out / write.IMAGES_DIR / "shard-00000.tar"
+    tar.write_bytes(before[tar][:-512])  # truncated tar
+    (out / write.DATASET_DIR / "shard-00001.parquet").unlink()  # lost dataset file
+    (out / write.SAMPLES_DIR / "shard-00002.parquet").write_bytes(b"PAR1 garbage")  # corrupt marker
+    result = CliRunner().invoke(app, ["run", str(config)])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    assert "shard 0: images/shard-00000.tar does not match its recorded sha256; redoing it" in result.output
+    assert "shard 1: dataset/shard-00001.parquet is missing; redoing it" in result.output
+    assert "shard 2: samples file unreadable" in result.output
+    assert {p: p.read_bytes() for p in files} == before, "every damaged shard was redone, identically"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["timing"]["shards_written"] == 3
+
+    a.write_text(a.read_text().replace("image 1", "another text"), encoding="utf-8")  # same path, new text
+    result = CliRunner().invoke(app, ["run", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "input.path: the input changed since shard 0 of" in result.output
+    assert {p: p.read_bytes() for p in files} == before, "a refused resume changes nothing"
