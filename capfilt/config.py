@@ -70,7 +70,9 @@ class _Section(BaseModel):
 class InputConfig(_Section):
     """Where the URL/text pairs come from and which columns hold what."""
 
-    path: str = Field(min_length=1, description="File, directory, glob or fsspec URL of the input.")
+    path: str | list[str] = Field(
+        description="File, directory, glob or fsspec URL of the input, or a list of those (in key order)."
+    )
     format: Literal["parquet", "csv", "tsv", "jsonl", "webdataset"] = Field(
         default="parquet", description="webdataset = existing img2dataset tar shards with images."
     )
@@ -83,6 +85,15 @@ class InputConfig(_Section):
         default=None,
         description="Input column used as the sample key; None = '<file index>_<row index>'.",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _paths_not_empty(cls, path: str | list[str]) -> str | list[str]:
+        if isinstance(path, list) and not path:
+            raise ValueError("the list of inputs is empty")
+        if any(not p.strip() for p in ([path] if isinstance(path, str) else path)):
+            raise ValueError("must not be empty")
+        return path
 
     @field_validator("keep_cols")
     @classmethod

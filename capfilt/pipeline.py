@@ -1,25 +1,36 @@
-"""`capfilt run`: the CapFilt pipeline as one streaming Ray Data DAG.
+"""`capfilt run`: the CapFilt pipeline as one streaming Ray Data DAG; workers read and write.
 
 ::
 
-    read (driver) -> download (tasks, threads inside) -> preprocess (tasks)
-      -> caption (actor pool, GPUs) -> filter (actor pool, GPUs) -> select (tasks)
-      -> driver: ShardBuffer -> write_shard (images tar, dataset parquet, samples parquet)
+    driver: list input files, row counts (Parquet footers; a counting task per text/tar file)
+    read (tasks, one per file or group of Parquet row groups)
+      -> download (tasks, threads inside) -> preprocess (tasks)
+      -> caption (actor pool, GPUs) -> filter (actor pool, GPUs; drops the pixel columns)
+      -> select (tasks) -> write parts (tasks: _parts/shard-N/part-*.parquet)
+    driver: per-part summaries (shard, rows, path) -> commit task per complete shard
+      (worker: images tar, dataset parquet, samples parquet) -> manifest.json
 
 This module is the ONLY place that decides how the stages run: tasks or actors, CPUs and
 GPUs per replica, replica counts and batch sizes (:func:`make_plan`). The stages themselves
 (``capfilt/stages``) are plain callables that know nothing about Ray.
 
-Sharding and resume: input row ``r`` belongs to shard ``r // output.rows_per_shard``, a pure
-function of the input, so a rerun assigns the same rows to the same shards. Shards whose
-``samples/shard-*.parquet`` exists are committed and skipped; rows stream back from Ray in
-any order and the driver commits a shard as soon as all its rows have arrived. Because every
-stage is per-row deterministic (captions are seeded by (seed, key)), a resumed run ends with
-the same files as an uninterrupted one, and ``manifest.json`` is recomputed from all shards.
+The driver holds no data: it sees the input's file list and row counts, then one small
+summary row per part file and per committed shard. Image bytes and pixels stay in the workers
+and the object store.
+
+Sharding and resume: input row ``r`` (its index in the whole input, files in key order)
+belongs to shard ``r // output.rows_per_shard``, a pure function of the input, so a rerun
+assigns the same rows to the same shards. Shards whose ``samples/shard-*.parquet`` exists are
+committed and skipped (their rows are dropped by the read tasks); rows stream through Ray in
+any order, and the driver starts a shard's commit task as soon as its parts hold all its rows.
+Because every stage is per-row deterministic (captions are seeded by (seed, key)), a resumed
+run ends with the same files as an uninterrupted one, and ``manifest.json`` is recomputed from
+all shards. See docs/architecture.md, "Cluster runs", for the commit protocol.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -34,9 +45,10 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from capfilt import __version__
+from capfilt import __version__, rundir
 from capfilt.config import PipelineConfig, dump
 from capfilt.errors import UserError
+from capfilt.rundir import RunDir, dumps_json
 from capfilt.stages import write as writer
 from capfilt.stages.caption import is_hub_id, model_specs, pixel_column, resolve_model
 from capfilt.stages.select import select
@@ -52,8 +64,17 @@ DOWNLOAD_MAX_BATCH = 1024
 # preprocess, caption and filter can all be scheduled at once on two cores; the OS shares
 # the cores, and reserving whole cores there would leave the download tasks waiting behind
 # the model actors.
-CPUS_GPU_RUN = {"download": 1.0, "preprocess": 1.0, "model": 1.0, "select": 0.25}
-CPUS_CPU_RUN = {"download": 0.25, "preprocess": 0.25, "model": 0.5, "select": 0.1}
+CPUS_GPU_RUN = {"read": 1.0, "download": 1.0, "preprocess": 1.0, "model": 1.0, "select": 0.25, "commit": 1.0}
+CPUS_CPU_RUN = {
+    "read": 0.25,
+    "download": 0.25,
+    "preprocess": 0.25,
+    "model": 0.5,
+    "select": 0.1,
+    "commit": 0.1,
+}
+COMMIT_RETRIES = 3
+"""Ray retries of a shard's commit task and of a row-counting task (both idempotent)."""
 
 RESOURCE_FIELDS = {"batch_size", "concurrency", "num_gpus", "threads"}
 """Config fields that change how fast a run goes but not what it writes (free to change on resume)."""
@@ -145,15 +166,27 @@ def _model_stage(name: str, cfg: Any, *, cpus: float, dtype_note: str) -> StageP
 def make_plan(cfg: PipelineConfig) -> Plan:
     """Decide tasks vs actors, resources and batch sizes; validate what can be checked offline."""
     path = cfg.input.path
-    if "://" not in path and not any(c in path for c in "*?[") and not Path(path).expanduser().exists():
-        raise UserError(f"input.path: {path} does not exist")
+    for entry in [path] if isinstance(path, str) else path:
+        if (
+            "://" not in entry
+            and not any(c in entry for c in "*?[{")
+            and not Path(entry).expanduser().exists()
+        ):
+            raise UserError(f"input.path: {entry} does not exist")
+    counted = "Parquet footers" if cfg.input.format == "parquet" else "a counting task per file"
     model_cfgs = [c for c in (cfg.caption, cfg.filter) if c is not None]
     cpus = CPUS_GPU_RUN if any(c.num_gpus > 0 for c in model_cfgs) else CPUS_CPU_RUN
     download_batch = max(
         1, min(cfg.download.threads * DOWNLOAD_ROWS_PER_THREAD, DOWNLOAD_MAX_BATCH, cfg.output.rows_per_shard)
     )
     stages = [
-        StagePlan(name="read", kind="driver", note="whole input read on the driver, rows sharded"),
+        StagePlan(
+            name="read",
+            kind="tasks",
+            num_cpus=cpus["read"],
+            note=f"one task per file or {read_unit_rows()}+ rows of Parquet row groups; "
+            f"the driver lists files and counts rows ({counted})",
+        ),
         StagePlan(
             name="download",
             kind="tasks",
@@ -183,9 +216,24 @@ def make_plan(cfg: PipelineConfig) -> Plan:
         f = cfg.filter
         stages.append(_model_stage("filter", f, cpus=cpus["model"], dtype_note=f"; threshold {f.threshold}"))
     stages.append(StagePlan(name="select", kind="tasks", num_cpus=cpus["select"]))
-    stages.append(StagePlan(name="write", kind="driver", note="commits each shard when all its rows arrived"))
+    stages.append(
+        StagePlan(
+            name="write",
+            kind="tasks",
+            num_cpus=cpus["select"],
+            note="part files per block in _parts/ (fused with select); the driver gets (shard, rows, path)",
+        )
+    )
+    stages.append(
+        StagePlan(
+            name="commit",
+            kind="tasks",
+            num_cpus=cpus["commit"],
+            note="one per complete shard: images tar, dataset, then samples parquet (the marker)",
+        )
+    )
     return Plan(
-        input=path,
+        input=path if isinstance(path, str) else ", ".join(path),
         input_format=cfg.input.format,
         output=cfg.output.dir,
         rows_per_shard=cfg.output.rows_per_shard,
@@ -207,16 +255,16 @@ def _outcome_config(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_resumable(run_dir: Path, cfg: PipelineConfig) -> None:
+def _check_resumable(run: RunDir, cfg: PipelineConfig) -> None:
     """Refuse to resume a run directory written with a config that changes the outputs."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file() or not writer.committed_shards(run_dir):
+    saved = run.read_text("config.yaml")
+    if saved is None or not run.committed_shards():
         return
-    old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    old = yaml.safe_load(saved) or {}
     new = cfg.model_dump(mode="json")
     if _outcome_config(old) != _outcome_config(new):
         raise UserError(
-            f"output.dir: {run_dir} holds shards written with a different config (see its config.yaml); "
+            f"output.dir: {run.url} holds shards written with a different config (see its config.yaml); "
             "use another output.dir or delete it"
         )
 
@@ -253,10 +301,10 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _read_input(cfg: PipelineConfig) -> pa.Table:
-    from capfilt.stages.read import read_table
+def read_unit_rows() -> int:
+    from capfilt.stages.read import UNIT_ROWS
 
-    return read_table(cfg.input.path, cfg.input)
+    return UNIT_ROWS
 
 
 def _user_error_in(err: BaseException) -> BaseException | None:
@@ -350,15 +398,18 @@ def _stage_stats(ds: Any) -> list[dict[str, Any]]:
     stages = []
     for node in reversed(chain):
         for op in node.operators_stats:
-            if op.operator_name.startswith("Input") or op.operator_name.startswith("FromArrow"):
+            if op.operator_name.startswith(("Input", "FromArrow", "FromItems")):
                 continue
             rows = int(op.output_num_rows.sum) if op.output_num_rows else 0
+            size = int(op.output_size_bytes.sum) if op.output_size_bytes else 0
             stages.append(
                 {
                     "operator": op.operator_name,
                     "rows": rows,
                     "wall_s": round(float(op.time_total_s or 0.0), 3),
                     "rows_per_s": round(float(op.num_rows_per_s), 2),
+                    "output_bytes": size,  # what the operator put into the object store
+                    "output_bytes_per_row": round(size / rows, 1) if rows else 0.0,
                 }
             )
     return stages
@@ -380,30 +431,91 @@ def _init_ray(address: str | None) -> bool:
     return True
 
 
-def assign_shards(table: pa.Table, rows_per_shard: int, done: set[int]) -> tuple[pa.Table, dict[int, int]]:
-    """Add ``_row``/``_shard``; drop committed shards; expected row count per remaining shard."""
-    n = table.num_rows
-    rows = np.arange(n, dtype=np.int64)
-    shards = rows // rows_per_shard
-    table = table.append_column(writer.ROW_COLUMN, pa.array(rows)).append_column(
-        writer.SHARD_COLUMN, pa.array(shards)
-    )
-    keep = ~np.isin(shards, list(done)) if done else np.ones(n, dtype=bool)
-    table = table.filter(pa.array(keep))
-    counts = np.bincount(shards[keep], minlength=0) if keep.any() else np.array([], dtype=np.int64)
-    expected = {int(s): int(c) for s, c in enumerate(counts) if c}
-    return table, expected
+def _read_batch(batch: pa.Table, *, cfg: Any, rows_per_shard: int) -> pa.Table:
+    """Read task body: each row of ``batch`` is one serialised :class:`ReadUnit`."""
+    from capfilt.stages.read import ReadUnit, read_unit
+
+    tables = []
+    for text in batch.column("unit").to_pylist():
+        fields = json.loads(text)
+        unit = ReadUnit(
+            **{
+                **fields,
+                "row_groups": tuple(fields["row_groups"]),
+                "skip_shards": tuple(fields["skip_shards"]),
+            }
+        )
+        tables.append(read_unit(unit, cfg, rows_per_shard=rows_per_shard))
+    return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
 
 
-def _build_dataset(cfg: PipelineConfig, plan: Plan, table: pa.Table) -> Any:
-    """The streaming DAG over ``table``'s rows (nothing runs until it is iterated)."""
+def _count_file(file: str, file_index: int, cfg: Any) -> int:
+    from capfilt.stages.read import count_rows
+
+    return count_rows(file, file_index, cfg)
+
+
+def _count_in_tasks(cfg: PipelineConfig, cpus: float) -> Any:
+    """``count(files)`` for :func:`plan_input`: one Ray task per file (csv/tsv/jsonl/tar)."""
+
+    def count(files: list[str]) -> list[int]:
+        import ray
+
+        task = ray.remote(_count_file).options(num_cpus=cpus, max_retries=COMMIT_RETRIES)
+        refs = [task.remote(file, index, cfg.input) for index, file in enumerate(files)]
+        try:
+            return [int(n) for n in ray.get(refs)]
+        except Exception as err:
+            user = _user_error_in(err)
+            if user is not None:
+                raise UserError(str(user)) from None
+            raise
+
+    return count
+
+
+def _dropping(stage_cls: type, drop: list[str]) -> type:
+    """``stage_cls`` whose output loses ``drop`` (the pixel columns: no later stage reads them).
+
+    A subclass rather than a wrapper so Ray Data's stats keep the stage's name.
+    """
+    if not drop:
+        return stage_cls
+
+    def __call__(self: Any, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # noqa: N807
+        out = stage_cls.__call__(self, batch)
+        for name in drop:
+            out.pop(name, None)
+        return out
+
+    return type(stage_cls.__name__, (stage_cls,), {"__call__": __call__, "__module__": stage_cls.__module__})
+
+
+def _write_parts(block: pa.Table, *, run: RunDir) -> pa.Table:
+    return writer.write_parts(block, run=run)
+
+
+def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDir) -> Any:
+    """The streaming DAG over the read units (nothing runs until it is iterated).
+
+    Its output is one small row per part file written (``shard``, ``rows``, ``part``).
+    """
     import ray
 
     stages = {s.name: s for s in plan.stages}
+    items = [{"unit": json.dumps(dataclasses.asdict(u))} for u in units]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.map_batches(
+        _read_batch,
+        fn_kwargs={"cfg": cfg.input, "rows_per_shard": cfg.output.rows_per_shard},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=stages["read"].num_cpus,
+    )
     download = stages["download"]
-    block = download.batch_size or 1
-    blocks = [table.slice(start, block) for start in range(0, table.num_rows, block)]
-    ds = ray.data.from_arrow(blocks)
+    # A read task returns a whole file or row-group range as one block; cut it (streaming, no
+    # shuffle) into download-batch blocks so that the download tasks run in parallel.
+    ds = ds.repartition(target_num_rows_per_block=download.batch_size or 1)
     ds = ds.map_batches(
         _download_batch,
         fn_kwargs={"cfg": cfg.download},
@@ -418,12 +530,14 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, table: pa.Table) -> Any:
         ds = ds.map_batches(
             _preprocess_batch, fn_kwargs={"sizes": sizes}, batch_size=pre.batch_size, num_cpus=pre.num_cpus
         )
+    # The last model stage drops the pixel columns: past it only image bytes, texts and scores travel.
+    last_model = "filter" if cfg.filter is not None else "caption"
     if cfg.caption is not None:
         from capfilt.stages.caption import Captioner
 
         s = stages["caption"]
         ds = ds.map_batches(
-            Captioner,
+            _dropping(Captioner, drop if last_model == "caption" else []),
             fn_constructor_kwargs={"cfg": cfg.caption},
             compute=ray.data.ActorPoolStrategy(size=s.concurrency),
             batch_size=s.batch_size,
@@ -435,7 +549,7 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, table: pa.Table) -> Any:
 
         s = stages["filter"]
         ds = ds.map_batches(
-            Filter,
+            _dropping(Filter, drop),
             fn_constructor_kwargs={"cfg": cfg.filter},
             compute=ray.data.ActorPoolStrategy(size=s.concurrency),
             batch_size=s.batch_size,
@@ -454,15 +568,31 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, table: pa.Table) -> Any:
         batch_size=None,
         num_cpus=stages["select"].num_cpus,
     )
+    ds = ds.map_batches(
+        _write_parts,
+        fn_kwargs={"run": run},
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=stages["write"].num_cpus,
+    )
     return ds
 
 
-def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | None:
+def shard_sizes(total_rows: int, rows_per_shard: int, done: set[int]) -> dict[int, int]:
+    """Rows per shard still to write: every shard of the input except the committed ones."""
+    total = math.ceil(total_rows / rows_per_shard) if total_rows else 0
+    return {s: min(rows_per_shard, total_rows - s * rows_per_shard) for s in range(total) if s not in done}
+
+
+def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | str | None:
     """Run (or with ``dry_run`` only plan) the pipeline; returns the run directory.
 
     The dry run validates the config, input path and model locations and prints the plan;
-    it reads no input, touches no network and loads no model, and returns None.
+    it reads no input, touches no network and loads no model, and returns None. The run
+    directory is a Path for a local ``output.dir``, else its URL.
     """
+    from capfilt.stages.read import plan_input
+
     plan = make_plan(cfg)
     if dry_run:
         print(plan.describe())
@@ -470,35 +600,50 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | None:
 
     started = _now()
     t0 = time.perf_counter()
-    run_dir = Path(cfg.output.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = RunDir(cfg.output.dir)
+    run_dir.makedirs()
     _check_resumable(run_dir, cfg)
-    (run_dir / "config.yaml").write_text(dump(cfg), encoding="utf-8")
-    writer.clean_partial(run_dir)
+    run_dir.write_text("config.yaml", dump(cfg))
+    run_dir.clean_partial()
+    done = run_dir.committed_shards()
+    _check_models(run_dir, cfg, resuming=bool(done))
 
-    table = _read_input(cfg)
-    input_rows = table.num_rows
-    done = writer.committed_shards(run_dir)
-    todo, expected = assign_shards(table, cfg.output.rows_per_shard, done)
-    del table
-    total_shards = math.ceil(input_rows / cfg.output.rows_per_shard) if input_rows else 0
-    print(
-        f"capfilt: {input_rows} rows in {total_shards} shards; {len(done)} already committed, "
-        f"{todo.num_rows} rows to process",
-        file=sys.stderr,
-    )
-
+    started_ray = False
     stage_stats: list[dict[str, Any]] = []
-    written = 0
-    if todo.num_rows:
-        started_ray = _init_ray(cfg.ray.address)
-        try:
-            written, stage_stats = _execute(cfg, plan, run_dir, todo, expected)
-        finally:
-            if started_ray:
-                import ray
+    summaries: dict[int, dict[str, Any]] = {}
+    try:
+        count = None
+        if cfg.input.format != "parquet":  # no footers: count rows in tasks
+            started_ray = _init_ray(cfg.ray.address)
+            cpus = {s.name: s.num_cpus for s in plan.stages}["read"] or 1.0
+            count = _count_in_tasks(cfg, cpus)
+        inputs = plan_input(cfg.input, rows_per_shard=cfg.output.rows_per_shard, done=done, count=count)
+        if done:  # verified resume: the input is the same, and every committed shard is whole
+            started_ray = _init_ray(cfg.ray.address) or started_ray
+            bad = _verify_committed(cfg, plan, run_dir, inputs, done)
+            for shard, reason in sorted(bad.items()):
+                print(f"capfilt: shard {shard}: {reason}; redoing it", file=sys.stderr)
+                rundir.remove_shard(run_dir, shard)
+            if bad:
+                done = done - set(bad)
+                inputs = inputs.with_done(done, cfg.output.rows_per_shard)
+        input_rows = inputs.total_rows
+        expected = shard_sizes(input_rows, cfg.output.rows_per_shard, done)
+        todo_rows = sum(expected.values())
+        total_shards = math.ceil(input_rows / cfg.output.rows_per_shard) if input_rows else 0
+        print(
+            f"capfilt: {input_rows} rows in {len(inputs.files)} files, {total_shards} shards; "
+            f"{len(done)} already committed, {todo_rows} rows to process",
+            file=sys.stderr,
+        )
+        if expected:
+            started_ray = _init_ray(cfg.ray.address) or started_ray
+            summaries, stage_stats = _execute(cfg, plan, run_dir, inputs.units, expected)
+    finally:
+        if started_ray:
+            import ray
 
-                ray.shutdown()
+            ray.shutdown()
 
     wall = time.perf_counter() - t0
     manifest = build_manifest(
@@ -507,38 +652,225 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | None:
         input_rows=input_rows,
         total_shards=total_shards,
         started=started,
+        known=summaries,
         timing={
             "wall_s": round(wall, 3),
-            "rows_processed": int(todo.num_rows),
-            "shards_written": written,
-            "rows_per_s": round(todo.num_rows / wall, 2) if wall > 0 else 0.0,
+            "rows_processed": int(todo_rows),
+            "shards_written": len(summaries),
+            "rows_per_s": round(todo_rows / wall, 2) if wall > 0 else 0.0,
             "stages": stage_stats,
         },
     )
-    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return run_dir
+    run_dir.remove_parts_dir()
+    run_dir.write_text("manifest.json", dumps_json(manifest))
+    return Path(run_dir.root) if run_dir.local else run_dir.url
+
+
+# --------------------------------------------------------------------------- verified resume
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def model_fingerprints(cfg: PipelineConfig) -> dict[str, dict[str, str]]:
+    """sha256 over each local model's weight files (names and bytes, read in chunks).
+
+    Hub ids are recorded as such (their files are only fetched when a run loads them); pin a
+    revision to make a hub model reproducible.
+    """
+    import hashlib
+
+    out: dict[str, dict[str, str]] = {}
+    for stage, section in (("caption", cfg.caption), ("filter", cfg.filter)):
+        if section is None:
+            continue
+        out[stage] = {}
+        for spec in model_specs(section):
+            directory = Path(spec).expanduser()
+            if not directory.is_dir():
+                out[stage][spec] = "hub id (not hashed)"
+                continue
+            digest = hashlib.sha256()
+            for file in sorted(
+                p for p in directory.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
+            ):
+                digest.update(file.relative_to(directory).as_posix().encode() + b"\x00")
+                with open(file, "rb") as stream:
+                    while chunk := stream.read(1 << 22):
+                        digest.update(chunk)
+            out[stage][spec] = digest.hexdigest()
+    return out
+
+
+def _check_models(run: RunDir, cfg: PipelineConfig, *, resuming: bool) -> None:
+    """Refuse to resume with other model weights; record the fingerprints of a new run."""
+    current = model_fingerprints(cfg)
+    saved = run.read_text(rundir.FINGERPRINT_FILE)
+    if resuming and saved is not None:
+        old = (json.loads(saved) or {}).get("models", {})
+        for stage, specs in current.items():
+            for spec, sha in specs.items():
+                before = (old.get(stage) or {}).get(spec)
+                if before is not None and before != sha:
+                    raise UserError(
+                        f"{stage}.model: the weights of {spec} changed since shards of {run.url} were committed "
+                        f"(sha256 {before[:12]} -> {sha[:12]}); use another output.dir or delete it"
+                    )
+    if not resuming or saved is None:
+        run.write_text(rundir.FINGERPRINT_FILE, dumps_json({"models": current}))
+
+
+def _verify_shards(run: RunDir, items: list[tuple[int, int]]) -> list[tuple[int, str | None, dict[str, Any]]]:
+    """Verification task body: (shard, reason it is bad or None, what its commit recorded)."""
+    out = []
+    for shard, expected in items:
+        reason = rundir.verify_shard(run, shard, expected)
+        try:
+            recorded = rundir.shard_meta(run, shard)[1]
+        except Exception:  # noqa: BLE001 - an unreadable footer is already the reason
+            recorded = {}
+        out.append((shard, reason, recorded))
+    return out
+
+
+def _fingerprint_unit(unit: Any, cfg: Any, rows_per_shard: int) -> dict[int, list[int]]:
+    from capfilt.stages.read import fingerprint_unit
+
+    return fingerprint_unit(unit, cfg, rows_per_shard=rows_per_shard)
+
+
+VERIFY_SHARDS_PER_TASK = 16
+
+
+def _verify_committed(
+    cfg: PipelineConfig, plan: Plan, run: RunDir, inputs: Any, done: set[int]
+) -> dict[int, str]:
+    """Check every committed shard in Ray tasks; returns the bad ones with the reason.
+
+    An input that no longer gives a committed shard the rows it was written from (keys, URLs,
+    texts or row count; compared with the fingerprint its commit recorded) is a UserError:
+    mixing old and new rows in one run would be silent corruption.
+    """
+    import ray
+
+    rps = cfg.output.rows_per_shard
+    cpus = {s.name: s.num_cpus for s in plan.stages}["commit"]
+    sizes = {s: max(0, min(rps, inputs.total_rows - s * rps)) for s in done}
+    gone = sorted(s for s, n in sizes.items() if n == 0)
+    if gone:
+        raise UserError(
+            f"input.path: the input has {inputs.total_rows} rows, fewer than committed shard {gone[0]} of "
+            f"{run.url} needs; the input changed (use another output.dir or delete it)"
+        )
+    verify = ray.remote(_verify_shards).options(num_cpus=cpus, max_retries=COMMIT_RETRIES)
+    fingerprint = ray.remote(_fingerprint_unit).options(num_cpus=cpus, max_retries=COMMIT_RETRIES)
+    items = sorted(sizes.items())
+    checks = [
+        verify.remote(run, items[i : i + VERIFY_SHARDS_PER_TASK])
+        for i in range(0, len(items), VERIFY_SHARDS_PER_TASK)
+    ]
+    units = [u for u in inputs.with_done(done, rps, keep_done=True).units if u.skip_shards]
+    partials = [fingerprint.remote(unit, cfg.input, rps) for unit in units]
+    try:
+        results = [r for chunk in ray.get(checks) for r in chunk]
+        sums: dict[int, list[int]] = {}
+        for partial in ray.get(partials):
+            for shard, (n, term) in partial.items():
+                entry = sums.setdefault(int(shard), [0, 0])
+                entry[0] += n
+                entry[1] = (entry[1] + term) % 2**64
+    except Exception as err:
+        user = _user_error_in(err)
+        if user is not None:
+            raise UserError(str(user)) from None
+        raise
+    bad: dict[int, str] = {}
+    for shard, reason, recorded in results:
+        if "input_fingerprint" in recorded:
+            rows, value = sums.get(shard, [0, 0])
+            if rows != recorded.get("rows") or f"{value:016x}" != recorded["input_fingerprint"]:
+                raise UserError(
+                    f"input.path: the input changed since shard {shard} of {run.url} was committed "
+                    f"(its keys, URLs, texts or row count differ); use another output.dir or delete it"
+                )
+        if reason is not None:
+            bad[shard] = reason
+    return bad
+
+
+def _driver_batches(ds: Any) -> Any:
+    """What the driver receives from the DAG: small part summaries (tests wrap this)."""
+    return ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def _commit_task(
+    run: RunDir, shard: int, parts: list[str], expected: int, keep_cols: list[str], image_ext: str
+) -> dict[str, Any]:
+    return writer.commit_shard(run, shard, parts, expected=expected, keep_cols=keep_cols, image_ext=image_ext)
 
 
 def _execute(
-    cfg: PipelineConfig, plan: Plan, run_dir: Path, todo: pa.Table, expected: dict[int, int]
-) -> tuple[int, list[dict[str, Any]]]:
-    """Stream the DAG into the shard writer; returns (shards written, per-stage stats)."""
+    cfg: PipelineConfig, plan: Plan, run_dir: RunDir, units: list[Any], expected: dict[int, int]
+) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
+    """Stream the DAG; commit each shard in a task once its parts are in.
+
+    Returns (per-shard summaries of the shards committed now, per-stage stats).
+    """
+    import ray
     from tqdm import tqdm
 
-    buffer = writer.ShardBuffer(expected=expected)
-    ds = _build_dataset(cfg, plan, todo)
+    cpus = {s.name: s.num_cpus for s in plan.stages}
+    commit = ray.remote(_commit_task).options(num_cpus=cpus["commit"], max_retries=COMMIT_RETRIES)
     keep_cols = list(cfg.input.keep_cols)
     ext = cfg.download.encode_format
-    written = 0
-    bar = tqdm(total=todo.num_rows, unit="row", desc="capfilt committed", file=sys.stderr, dynamic_ncols=True)
+    remaining = dict(expected)
+    received: dict[int, int] = {}
+    parts: dict[int, list[str]] = {}
+    in_flight: dict[Any, int] = {}
+    summaries: dict[int, dict[str, Any]] = {}
+    bar = tqdm(
+        total=sum(expected.values()),
+        unit="row",
+        desc="capfilt committed",
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+
+    def collect(timeout: float | None) -> None:
+        if not in_flight:
+            return
+        ready, _ = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=timeout)
+        for ref in ready:
+            shard = in_flight.pop(ref)
+            summary = ray.get(ref)
+            summaries[shard] = summary
+            bar.update(summary["rows"])
+            bar.set_postfix(shards=f"{len(summaries)}/{len(expected)}", pairs=summary["pairs"])
+
+    ds = _build_dataset(cfg, plan, units, run_dir)
     try:
-        # Finished rows as they complete, in whatever order Ray produces them.
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for shard, rows in buffer.add(batch):
-                summary = writer.write_shard(run_dir, shard, rows, keep_cols=keep_cols, image_ext=ext)
-                written += 1
-                bar.update(summary.rows)
-                bar.set_postfix(shards=f"{written}/{len(expected)}", pairs=summary.pairs)
+        for batch in _driver_batches(ds):
+            for shard, rows, part in zip(
+                batch.column("shard").to_pylist(),
+                batch.column("rows").to_pylist(),
+                batch.column("part").to_pylist(),
+                strict=True,
+            ):
+                if shard not in remaining:
+                    raise RuntimeError(f"rows for shard {shard}, which this run does not write")
+                received[shard] = received.get(shard, 0) + rows
+                parts.setdefault(shard, []).append(part)
+                if received[shard] > remaining[shard]:
+                    raise RuntimeError(
+                        f"shard {shard}: {received[shard]} rows arrived, expected {remaining[shard]}"
+                    )
+                if received[shard] == remaining[shard]:
+                    ref = commit.remote(
+                        run_dir, shard, parts.pop(shard), remaining.pop(shard), keep_cols, ext
+                    )
+                    in_flight[ref] = shard
+                    del received[shard]
+            collect(timeout=0)
+        collect(timeout=None)
     except Exception as err:
         user = _user_error_in(err)
         if user is not None:
@@ -546,27 +878,30 @@ def _execute(
         raise
     finally:
         bar.close()
-    if buffer.expected:
-        missing = {s: n - buffer.pending.get(s, 0) for s, n in buffer.expected.items()}
+    if remaining:
+        missing = {s: n - received.get(s, 0) for s, n in remaining.items()}
         raise RuntimeError(f"pipeline ended with rows missing for shards {missing}")
-    return written, _stage_stats(ds)
+    return summaries, _stage_stats(ds)
 
 
 def build_manifest(
-    run_dir: Path,
+    run_dir: RunDir,
     cfg: PipelineConfig,
     *,
     input_rows: int,
     total_shards: int,
     started: str,
     timing: dict[str, Any],
+    known: dict[int, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """manifest.json: recomputed from every committed shard, so a resumed run's equals a full run's.
 
-    Only ``started_at``, ``finished_at`` and ``timing`` (this invocation's throughput) differ
-    between an interrupted-then-resumed run and an uninterrupted one.
+    ``known`` are the counts the commit tasks of this invocation returned; only shards
+    committed earlier are read (their status and source columns). Only ``started_at``,
+    ``finished_at`` and ``timing`` (this invocation's throughput) differ between an
+    interrupted-then-resumed run and an uninterrupted one.
     """
-    counts = writer.summarize(run_dir)
+    counts = run_dir.summarize(known)
     return {
         "input_rows": input_rows,
         "rows": counts["rows"],

@@ -26,14 +26,17 @@ duplicate keys) raise :class:`capfilt.errors.UserError` naming the path or colum
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -42,6 +45,7 @@ import pyarrow.parquet as pq
 
 from capfilt.config import InputConfig
 from capfilt.errors import UserError
+from capfilt.rundir import ROW_COLUMN, SHARD_COLUMN, is_local, url_to_fs
 
 #: Web texts longer than this many characters are truncated (see the module docstring).
 MAX_TEXT_CHARS = 2000
@@ -67,35 +71,40 @@ def make_key(file_index: int, row_index: int) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def list_input_files(path: str, fmt: str) -> list[str]:
-    """Sorted files behind ``path``: a file, a directory (searched recursively for the
-    format's suffixes), a glob, or a brace pattern like ``shards/{00000..00009}.tar``;
-    local or any fsspec URL. The sorted order defines the file index in default keys.
+def list_input_files(path: str | Sequence[str], fmt: str) -> list[str]:
+    """Files behind ``path``: a file, a directory (searched recursively for the format's
+    suffixes), a glob, a brace pattern like ``shards/{00000..00009}.tar``, or a list of
+    those; local or any fsspec URL. Each entry's files are sorted; a list keeps its order
+    (a file named twice counts once). The order defines the file index in default keys.
     """
+    if not isinstance(path, str):
+        if not path:
+            raise UserError("input.path: the list of inputs is empty")
+        files = [f for entry in path for f in list_input_files(entry, fmt)]
+        return list(dict.fromkeys(files))
     if "{" in path:
         from braceexpand import braceexpand  # installed with webdataset
 
         files = [f for pattern in braceexpand(path) for f in list_input_files(pattern, fmt)]
         return sorted(dict.fromkeys(files))
+    fs, root = url_to_fs(path, field="input.path")
     try:
-        fs, root = fsspec.core.url_to_fs(path)
-    except (ImportError, ValueError) as err:
-        raise UserError(f"input.path: cannot open {path!r}: {err}") from None
-    if any(ch in root for ch in "*?["):
-        found = [f for f in fs.glob(root) if fs.isfile(f)]
-    elif fs.isdir(root):
-        suffixes = SUFFIXES[fmt]
-        found = [f for f in fs.find(root) if f.lower().endswith(suffixes) and not _hidden(f, root)]
-        if not found:
-            raise UserError(f"input.path: no {', '.join(suffixes)} files in directory {path}")
-    elif fs.exists(root):
-        found = [root]
-    else:
-        raise UserError(f"input.path: {path} does not exist")
+        if any(ch in root for ch in "*?["):
+            found = [f for f in fs.glob(root) if fs.isfile(f)]
+        elif fs.isdir(root):
+            suffixes = SUFFIXES[fmt]
+            found = [f for f in fs.find(root) if f.lower().endswith(suffixes) and not _hidden(f, root)]
+            if not found:
+                raise UserError(f"input.path: no {', '.join(suffixes)} files in directory {path}")
+        elif fs.exists(root):
+            found = [root]
+        else:
+            raise UserError(f"input.path: {path} does not exist")
+    except (OSError, ValueError) as err:  # e.g. no credentials, no such bucket
+        raise UserError(f"input.path: cannot list {path}: {' '.join(str(err).split())[:300]}") from None
     if not found:
         raise UserError(f"input.path: no files match {path}")
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    return sorted(f if local else fs.unstrip_protocol(f) for f in found)
+    return sorted(f if is_local(fs) else fs.unstrip_protocol(f) for f in found)
 
 
 def _hidden(file: str, root: str) -> bool:
@@ -139,7 +148,9 @@ def _as_text(column: pa.ChunkedArray | pa.Array, *, name: str, file: str) -> pa.
     return pc.fill_null(column, "")
 
 
-def _table_columns(table: pa.Table, cfg: InputConfig, *, file: str, file_index: int) -> pa.Table:
+def _table_columns(
+    table: pa.Table, cfg: InputConfig, *, file: str, file_index: int, row_offset: int = 0
+) -> pa.Table:
     """Select and normalise the columns of one file's table (see the module docstring)."""
     available = table.column_names
     for kind, name in (("url_col", cfg.url_col), ("text_col", cfg.text_col), ("key_col", cfg.key_col)):
@@ -153,7 +164,7 @@ def _table_columns(table: pa.Table, cfg: InputConfig, *, file: str, file_index: 
     text = _as_text(table[cfg.text_col], name="input.text_col", file=file)
     text = pc.utf8_slice_codeunits(text, 0, MAX_TEXT_CHARS)  # code points, despite the name
     if cfg.key_col is None:
-        key = pa.array([make_key(file_index, i) for i in range(table.num_rows)], pa.string())
+        key = pa.array([make_key(file_index, row_offset + i) for i in range(table.num_rows)], pa.string())
     else:
         key = _checked_keys(table[cfg.key_col], cfg.key_col, file)
     columns: dict[str, Any] = {"key": key, "url": url, "web_text": text}
@@ -273,7 +284,7 @@ def check_input(cfg: InputConfig) -> list[str]:
     return files
 
 
-def read_table(path: str, cfg: InputConfig) -> pa.Table:
+def read_table(path: str | Sequence[str], cfg: InputConfig) -> pa.Table:
     """Read every input file behind ``path`` (format from ``cfg``) into one table.
 
     For ``format: webdataset`` this is :func:`read_webdataset`.
@@ -284,7 +295,7 @@ def read_table(path: str, cfg: InputConfig) -> pa.Table:
     tables = [read_file(file, index, cfg) for index, file in enumerate(files)]
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     if cfg.key_col is not None and len(tables) > 1:
-        _check_unique(table["key"], path)
+        _check_unique(table["key"], _where(path))
     return table
 
 
@@ -387,11 +398,236 @@ def _json_of(payload: bytes | None, file: str, key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def read_webdataset(path: str, cfg: InputConfig) -> pa.Table:
+def read_webdataset(path: str | Sequence[str], cfg: InputConfig) -> pa.Table:
     """Read every tar shard behind ``path`` (see :func:`read_webdataset_shard`)."""
     files = list_input_files(path, "webdataset")
     tables = [read_webdataset_shard(file, index, cfg) for index, file in enumerate(files)]
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     if len(tables) > 1:
-        _check_unique(table["key"], path, field=_wds_key_field(cfg))
+        _check_unique(table["key"], _where(path), field=_wds_key_field(cfg))
+    return table
+
+
+def _where(path: str | Sequence[str]) -> str:
+    return path if isinstance(path, str) else ", ".join(path)
+
+
+# --------------------------------------------------------------------------- distributed reading
+#
+# The pipeline reads its input in Ray tasks, one per :class:`ReadUnit`. The driver only lists
+# the files and learns their row counts (:func:`plan_input`): from the Parquet footers, or,
+# for the text formats and webdataset tars which have no footer, from a counting pass that the
+# caller runs where it likes (the pipeline: one Ray task per file, :func:`count_rows`).
+
+#: A Parquet file is split into units of whole row groups holding at least this many rows.
+UNIT_ROWS = 100_000
+
+
+@dataclass(frozen=True)
+class ReadUnit:
+    """A slice of one input file that one read task turns into rows.
+
+    ``start``/``stop`` are row indices within the file (default keys use them), ``first_row``
+    the global index of row ``start`` (which decides its shard). ``row_groups`` selects the
+    Parquet row groups holding exactly those rows (empty: the whole file). Rows of
+    ``skip_shards`` (committed by an earlier run) are dropped by the task.
+    """
+
+    file: str
+    file_index: int
+    start: int
+    stop: int
+    first_row: int
+    row_groups: tuple[int, ...] = ()
+    skip_shards: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    """What the driver knows about the input: its files, their row counts and the read units."""
+
+    files: list[str]
+    rows: list[int]
+    units: list[ReadUnit]
+    row_groups: list[list[int]] = dataclasses.field(default_factory=list)  # parquet only
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows)
+
+    def with_done(
+        self, done: set[int] | frozenset[int], rows_per_shard: int, *, keep_done: bool = False
+    ) -> InputPlan:
+        """The same files cut again for another set of committed shards (no re-counting).
+
+        ``keep_done`` keeps units wholly inside committed shards (to fingerprint their rows).
+        """
+        units = _cut_units(self.files, self.rows, self.row_groups, rows_per_shard, done, keep_done=keep_done)
+        return dataclasses.replace(self, units=units)
+
+
+def parquet_row_groups(file: str) -> list[int]:
+    """Rows per row group, from the file's footer only."""
+    try:
+        with fsspec.open(file, "rb") as stream:
+            meta = pq.ParquetFile(stream).metadata
+            return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    except (OSError, pa.ArrowException) as err:
+        raise UserError(
+            f"input.path: cannot read {file} as parquet: {' '.join(str(err).split())[:300]}"
+        ) from None
+
+
+def count_rows(file: str, file_index: int, cfg: InputConfig) -> int:
+    """Rows of one csv/tsv/jsonl file (parsed as the reader does) or samples of one tar shard."""
+    if cfg.format == "webdataset":
+        return _count_tar_samples(file)
+    return read_file(file, file_index, cfg).num_rows
+
+
+def _count_tar_samples(file: str) -> int:
+    """Samples in a webdataset tar, grouping member names as :func:`_tar_samples` does (headers only)."""
+    count = 0
+    current: str | None = None
+    try:
+        with fsspec.open(file, "rb") as stream, tarfile.open(fileobj=stream, mode="r:*") as tar:
+            for member in tar:  # seekable: member data is skipped, not read
+                name = PurePosixPath(member.name).name
+                if not member.isfile() or name.startswith(".") or "." not in name:
+                    continue
+                key = name.split(".", 1)[0]
+                if key != current:
+                    count += 1
+                    current = key
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise UserError(f"input.path: cannot read {file} as a webdataset tar: {err}") from None
+    return count
+
+
+def plan_input(
+    cfg: InputConfig,
+    *,
+    rows_per_shard: int,
+    done: set[int] | frozenset[int] = frozenset(),
+    count: Callable[[list[str]], list[int]] | None = None,
+) -> InputPlan:
+    """List the input files, learn their row counts and cut them into read units.
+
+    ``count(files)`` returns the row counts of files that have no footer (csv, tsv, jsonl,
+    webdataset); by default they are counted here, one after the other. Units whose rows all
+    belong to committed shards (``done``) are left out.
+    """
+    files = list_input_files(cfg.path, cfg.format)
+    if cfg.format == "parquet":
+        groups = [parquet_row_groups(f) for f in files]
+        rows = [sum(g) for g in groups]
+    else:
+        groups = []
+        rows = count(files) if count is not None else [count_rows(f, i, cfg) for i, f in enumerate(files)]
+    units = _cut_units(files, rows, groups, rows_per_shard, done)
+    return InputPlan(files=files, rows=rows, units=units, row_groups=groups)
+
+
+def _cut_units(
+    files: list[str],
+    rows: list[int],
+    groups: list[list[int]],
+    rows_per_shard: int,
+    done: set[int] | frozenset[int],
+    *,
+    keep_done: bool = False,
+) -> list[ReadUnit]:
+    units: list[ReadUnit] = []
+    offset = 0
+    for index, file in enumerate(files):
+        pieces: list[tuple[int, int, tuple[int, ...]]] = []
+        if groups:
+            start, chosen = 0, []
+            for group in range(len(groups[index])):
+                chosen.append(group)
+                size = sum(groups[index][g] for g in chosen)
+                if size >= UNIT_ROWS:
+                    pieces.append((start, start + size, tuple(chosen)))
+                    start, chosen = start + size, []
+            if chosen:
+                size = sum(groups[index][g] for g in chosen)
+                pieces.append((start, start + size, tuple(chosen)))
+        elif rows[index]:
+            pieces.append((0, rows[index], ()))
+        for start, stop, row_groups in pieces:
+            if stop == start:
+                continue
+            first = offset + start
+            shards = range(first // rows_per_shard, (first + stop - start - 1) // rows_per_shard + 1)
+            skip = tuple(s for s in shards if s in done)
+            if len(skip) == len(shards) and not keep_done:
+                continue
+            units.append(ReadUnit(file, index, start, stop, first, row_groups, skip))
+        offset += rows[index]
+    return units
+
+
+def fingerprint_unit(unit: ReadUnit, cfg: InputConfig, *, rows_per_shard: int) -> dict[int, list[int]]:
+    """Verification task body: ``{shard: [rows, fingerprint sum]}`` over the unit's rows that
+    belong to its ``skip_shards`` (committed shards), to compare with what their commit recorded.
+    """
+    from capfilt.rundir import input_fingerprint_terms
+
+    table = read_unit(dataclasses.replace(unit, skip_shards=()), cfg, rows_per_shard=rows_per_shard)
+    shards = table.column(SHARD_COLUMN).to_numpy()
+    mask = np.isin(shards, list(unit.skip_shards))
+    table = table.filter(pa.array(mask))
+    terms = input_fingerprint_terms(table)
+    out: dict[int, list[int]] = {}
+    for shard, term in zip(shards[mask].tolist(), terms, strict=True):
+        entry = out.setdefault(int(shard), [0, 0])
+        entry[0] += 1
+        entry[1] = (entry[1] + term) % 2**64
+    return out
+
+
+def read_unit(unit: ReadUnit, cfg: InputConfig, *, rows_per_shard: int) -> pa.Table:
+    """Read task body: the unit's rows with ``_row`` (global index) and ``_shard`` columns.
+
+    Rows of the unit's ``skip_shards`` are dropped. A file whose row count differs from the
+    plan's (rewritten while the run started) is a UserError.
+    """
+    if cfg.format == "webdataset":
+        table = read_webdataset_shard(unit.file, unit.file_index, cfg)
+    elif cfg.format == "parquet" and unit.row_groups:
+        table = _read_row_groups(unit, cfg)
+    else:
+        table = read_file(unit.file, unit.file_index, cfg)
+    if table.num_rows != unit.stop - unit.start:
+        raise UserError(
+            f"input.path: {unit.file} changed while the run was starting "
+            f"({table.num_rows} rows where {unit.stop - unit.start} were counted)"
+        )
+    rows = np.arange(unit.first_row, unit.first_row + table.num_rows, dtype=np.int64)
+    shards = rows // rows_per_shard
+    table = table.append_column(ROW_COLUMN, pa.array(rows)).append_column(SHARD_COLUMN, pa.array(shards))
+    if unit.skip_shards:
+        table = table.filter(pa.array(~np.isin(shards, list(unit.skip_shards))))
+    return table
+
+
+def _read_row_groups(unit: ReadUnit, cfg: InputConfig) -> pa.Table:
+    wanted = [cfg.url_col, cfg.text_col, *([cfg.key_col] if cfg.key_col else []), *cfg.keep_cols]
+    try:
+        with fsspec.open(unit.file, "rb") as stream:
+            parquet = pq.ParquetFile(stream)
+            available = parquet.schema_arrow.names
+            for name in wanted:
+                if name not in available:
+                    raise _missing_column(_kind_of(name, cfg), name, unit.file, available)
+            raw = parquet.read_row_groups(list(unit.row_groups), columns=list(dict.fromkeys(wanted)))
+    except UserError:
+        raise
+    except (OSError, pa.ArrowException) as err:
+        raise UserError(
+            f"input.path: cannot read {unit.file} as parquet: {' '.join(str(err).split())[:300]}"
+        ) from None
+    table = _table_columns(raw, cfg, file=unit.file, file_index=unit.file_index, row_offset=unit.start)
+    if cfg.key_col is not None:
+        _check_unique(table["key"], unit.file)
     return table

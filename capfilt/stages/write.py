@@ -1,16 +1,28 @@
-"""Write: commit the pipeline's rows to the run directory, one shard at a time.
+"""Write: the pipeline's finished rows become committed shards, written by Ray workers.
 
 A shard ``i`` is the input rows ``i * rows_per_shard ... (i + 1) * rows_per_shard - 1`` (the
 pipeline assigns them; see ``capfilt/pipeline.py``). Committing it writes three files::
 
     images/shard-00007.tar        webdataset, img2dataset layout: KEY.jpg + KEY.json per ok row
-    dataset/shard-00007.parquet   one row per kept pair (see DATASET_COLUMNS)
+    dataset/shard-00007.parquet   one row per kept pair (see DATASET_SCHEMA)
     samples/shard-00007.parquet   one row per input row of the shard, whatever happened to it
 
-Each file is written under a hidden temporary name and renamed into place, and the samples
-file goes LAST: its presence is the shard's commit marker. A run killed at any moment leaves
-either a committed shard (all three files complete) or no samples file, in which case the
-rerun rewrites the shard from scratch (:func:`clean_partial` removes the leftovers first).
+in that order, each atomically (:meth:`capfilt.rundir.RunDir.write_atomic`): the samples file
+goes LAST and is the shard's commit marker. A run killed at any moment leaves either a
+committed shard (all three files complete) or no samples file, in which case the rerun
+rewrites the shard from scratch (:meth:`~capfilt.rundir.RunDir.clean_partial` first removes
+the leftovers).
+
+Two steps, both in Ray workers (the driver only sees their small summaries):
+
+* :func:`write_parts` (the last map step of the DAG): a finished block's rows, split by
+  shard, each piece written to ``_parts/shard-NNNNN/part-<first row>-<digest>.parquet``. The
+  name is a pure function of the piece's row numbers, so a retried task rewrites the same
+  file. Returns one summary row per piece (shard, rows, part path).
+* :func:`commit_shard` (a Ray task the driver starts once the parts of a shard hold all its
+  rows): reads exactly the listed parts, drops rows seen twice (by ``_row``), checks the row
+  count, writes the three files and deletes the parts. Idempotent: if the samples file is
+  already there it only reports the shard's counts.
 
 Why ``dataset/`` holds tar references rather than image bytes: the images are already
 stored once in ``images/``; copying them into every kept pair (a sample may have a web and
@@ -22,31 +34,46 @@ prefers one self-contained table.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import math
-import os
-import re
 import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from capfilt.errors import UserError
+from capfilt.rundir import (  # noqa: F401 - re-exported: export, report and bootstrap import them from here
+    DATASET_DIR,
+    IMAGES_DIR,
+    PARTS_DIR,
+    ROW_COLUMN,
+    SAMPLES_DIR,
+    SHARD_COLUMN,
+    SHARD_META_KEY,
+    SHARD_RE,
+    HashingWriter,
+    RunDir,
+    clean_partial,
+    committed_shards,
+    dataset_path,
+    images_path,
+    input_fingerprint,
+    samples_path,
+    shard_stem,
+    summarize,
+)
 from capfilt.stages.status import Status
 
-SAMPLES_DIR = "samples"
-IMAGES_DIR = "images"
-DATASET_DIR = "dataset"
-
-ROW_COLUMN = "_row"
-"""Internal column: the row's index in the input (orders rows inside a shard)."""
-SHARD_COLUMN = "_shard"
-"""Internal column: the shard a row belongs to (``_row // rows_per_shard``)."""
+_SHARD_RE = SHARD_RE
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -87,105 +114,6 @@ DATASET_SCHEMA = pa.schema(
         ("image_member", pa.string()),  # e.g. KEY.jpg
     ]
 )
-
-_SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
-
-
-def shard_stem(shard: int) -> str:
-    """``shard-00007`` for shard 7."""
-    return f"shard-{shard:05d}"
-
-
-def samples_path(run_dir: Path, shard: int) -> Path:
-    return Path(run_dir) / SAMPLES_DIR / f"{shard_stem(shard)}.parquet"
-
-
-def images_path(run_dir: Path, shard: int) -> Path:
-    return Path(run_dir) / IMAGES_DIR / f"{shard_stem(shard)}.tar"
-
-
-def dataset_path(run_dir: Path, shard: int) -> Path:
-    return Path(run_dir) / DATASET_DIR / f"{shard_stem(shard)}.parquet"
-
-
-def committed_shards(run_dir: Path) -> set[int]:
-    """Shards whose samples file exists, i.e. that a rerun must skip."""
-    directory = Path(run_dir) / SAMPLES_DIR
-    if not directory.is_dir():
-        return set()
-    return {int(m.group(1)) for p in directory.iterdir() if (m := _SHARD_RE.match(p.name))}
-
-
-def clean_partial(run_dir: Path) -> list[Path]:
-    """Remove what an interrupted run left: temporary files and files of uncommitted shards.
-
-    Returns the removed paths. Safe to call on a fresh or finished run directory.
-    """
-    run_dir = Path(run_dir)
-    done = committed_shards(run_dir)
-    removed: list[Path] = []
-    for sub in (SAMPLES_DIR, IMAGES_DIR, DATASET_DIR):
-        directory = run_dir / sub
-        if not directory.is_dir():
-            continue
-        for path in directory.iterdir():
-            stale = path.name.startswith(".") and path.name.endswith(".tmp")
-            match = re.match(r"^shard-(\d{5,})\.", path.name)
-            if stale or (match and int(match.group(1)) not in done):
-                path.unlink()
-                removed.append(path)
-    return removed
-
-
-def _commit(write: Any, final: Path) -> None:
-    """Write through ``write(tmp_path)`` to a hidden temporary name, fsync, rename to ``final``."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
-
-
-class ShardBuffer:
-    """Collects rows arriving in any order and hands out each shard once all its rows are in.
-
-    The pipeline's rows stream back from Ray in no particular order; a shard is complete when
-    the number of rows received for it equals ``expected[shard]``. Rows are identified by the
-    ``_shard`` and ``_row`` columns.
-    """
-
-    def __init__(self, *, expected: Mapping[int, int]) -> None:
-        self.expected = dict(expected)
-        self._parts: dict[int, list[pa.Table]] = {}
-        self._counts: dict[int, int] = {}
-
-    @property
-    def pending(self) -> dict[int, int]:
-        """Rows received so far for each shard not yet handed out."""
-        return dict(self._counts)
-
-    def add(self, table: pa.Table) -> list[tuple[int, pa.Table]]:
-        """Add a batch; return the shards it completed as ``(shard, rows sorted by _row)``."""
-        if table.num_rows == 0:
-            return []
-        shards = table.column(SHARD_COLUMN)
-        complete: list[tuple[int, pa.Table]] = []
-        for shard in sorted(pc.unique(shards).to_pylist()):
-            if shard not in self.expected:
-                raise RuntimeError(f"row for shard {shard}, which this run does not write")
-            part = table.filter(pc.equal(shards, shard))
-            self._parts.setdefault(shard, []).append(part)
-            count = self._counts.get(shard, 0) + part.num_rows
-            if count > self.expected[shard]:
-                raise RuntimeError(f"shard {shard}: {count} rows arrived, expected {self.expected[shard]}")
-            self._counts[shard] = count
-            if count == self.expected[shard]:
-                rows = pa.concat_tables(self._parts.pop(shard), promote_options="permissive")
-                del self._counts[shard]
-                del self.expected[shard]
-                complete.append((shard, rows.sort_by(ROW_COLUMN)))
-        return complete
 
 
 def _column(rows: pa.Table, name: str, type_: pa.DataType, default: Any) -> pa.Array:
@@ -271,8 +199,9 @@ def _image_json(row: Mapping[str, Any]) -> bytes:
     return json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
 
 
-def write_images_tar(path: Path, rows: pa.Table, *, image_ext: str = "jpg") -> int:
-    """Write the ok rows' images as a webdataset tar (KEY.ext + KEY.json); returns image count.
+def write_images_tar(target: Path | IO[bytes], rows: pa.Table, *, image_ext: str = "jpg") -> int:
+    """Write the ok rows' images as a webdataset tar (KEY.ext + KEY.json) to a path or binary
+    stream; returns the image count.
 
     Member metadata is fixed (mtime 0, mode 0644, no owner), so equal rows give equal bytes.
     """
@@ -294,7 +223,12 @@ def write_images_tar(path: Path, rows: pa.Table, *, image_ext: str = "jpg") -> i
         if n in rows.column_names
     ]
     count = 0
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+    opened = (
+        tarfile.open(target, "w", format=tarfile.PAX_FORMAT)
+        if isinstance(target, str | Path)
+        else tarfile.open(fileobj=target, mode="w", format=tarfile.PAX_FORMAT)
+    )
+    with opened as tar:
         for row in rows.select(names).to_pylist():
             image = row.get("image")
             if row.get("status") != Status.ok or not image:
@@ -321,10 +255,21 @@ class ShardSummary:
     rows: int
     images: int
     pairs: int
+    counts: dict[str, Any] | None = dataclasses.field(default=None, compare=False)
+    """rows, rows by status and kept pairs by source (what manifest.json sums)."""
+
+
+def _as_run(run: RunDir | Path | str) -> RunDir:
+    return run if isinstance(run, RunDir) else RunDir(run)
 
 
 def write_shard(
-    run_dir: Path, shard: int, rows: pa.Table, *, keep_cols: Sequence[str] = (), image_ext: str = "jpg"
+    run: RunDir | Path | str,
+    shard: int,
+    rows: pa.Table,
+    *,
+    keep_cols: Sequence[str] = (),
+    image_ext: str = "jpg",
 ) -> ShardSummary:
     """Commit one complete shard: images tar, dataset parquet, then samples parquet (the marker).
 
@@ -332,25 +277,132 @@ def write_shard(
     pipeline's columns: key, url, web_text, status, error, image, synthetic_texts, scores and
     kept flags (missing model columns get their "stage skipped" defaults).
     """
-    run_dir = Path(run_dir)
+    run = _as_run(run)
     if ROW_COLUMN in rows.column_names:
         rows = rows.sort_by(ROW_COLUMN)
+    else:  # rows given without input row numbers (tests, tools): their order is the row order
+        rows = rows.append_column(ROW_COLUMN, pa.array(np.arange(rows.num_rows, dtype=np.int64)))
     samples = samples_table(rows, keep_cols=keep_cols)
     dataset = dataset_table(samples, shard=shard, image_ext=image_ext)
-    images = 0
 
-    def write_tar(tmp: Path) -> None:
-        nonlocal images
-        images = write_images_tar(tmp, rows, image_ext=image_ext)
+    def tar(stream: IO[bytes]) -> tuple[int, str]:
+        hashing = HashingWriter(stream)
+        count = write_images_tar(hashing, rows, image_ext=image_ext)  # type: ignore[arg-type]
+        return count, hashing.sha256.hexdigest()
 
-    _commit(write_tar, images_path(run_dir, shard))
-    _commit(lambda tmp: pq.write_table(dataset, tmp), dataset_path(run_dir, shard))
-    _commit(lambda tmp: pq.write_table(samples, tmp), samples_path(run_dir, shard))
-    return ShardSummary(shard=shard, rows=samples.num_rows, images=images, pairs=dataset.num_rows)
+    images, images_sha = run.write_atomic(run.shard_path(IMAGES_DIR, shard), tar)
+    buffer = io.BytesIO()
+    pq.write_table(dataset, buffer)
+    dataset_bytes = buffer.getvalue()
+    run.write_atomic(run.shard_path(DATASET_DIR, shard), lambda stream: stream.write(dataset_bytes))
+    record = {
+        "rows": samples.num_rows,
+        "input_fingerprint": input_fingerprint(rows),
+        "images_sha256": images_sha,
+        "dataset_sha256": hashlib.sha256(dataset_bytes).hexdigest(),
+    }
+    samples = samples.replace_schema_metadata({SHARD_META_KEY: json.dumps(record, sort_keys=True)})
+    run.write_atomic(run.shard_path(SAMPLES_DIR, shard), lambda stream: pq.write_table(samples, stream))
+    return ShardSummary(
+        shard=shard,
+        rows=samples.num_rows,
+        images=images,
+        pairs=dataset.num_rows,
+        counts=_shard_counts(samples, dataset),
+    )
+
+
+# --------------------------------------------------------------------------- worker-side writing
+
+PART_SUMMARY_SCHEMA = pa.schema([("shard", pa.int64()), ("rows", pa.int64()), ("part", pa.string())])
+"""What a write task returns per part file: all the driver ever sees of the finished rows."""
+
+
+def part_name(rows: np.ndarray) -> str:
+    """Deterministic part file name for a piece with these input row numbers (sorted)."""
+    digest = hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
+    return f"part-{int(rows[0]):012d}-{len(rows)}-{digest}.parquet"
+
+
+def write_parts(block: pa.Table, *, run: RunDir) -> pa.Table:
+    """Write-part task body: one part file per shard present in ``block``; returns summaries.
+
+    Every column of the finished rows (image bytes included) goes into the part file; the
+    returned table (:data:`PART_SUMMARY_SCHEMA`) holds only shard, row count and part path.
+    """
+    shards: list[int] = []
+    counts: list[int] = []
+    paths: list[str] = []
+    if block.num_rows:
+        shard_column = block.column(SHARD_COLUMN)
+        for shard in sorted(pc.unique(shard_column).to_pylist()):
+            piece = block.filter(pc.equal(shard_column, shard)).sort_by(ROW_COLUMN)
+            rows = piece.column(ROW_COLUMN).to_numpy()
+            path = f"{run.parts_dir(int(shard))}/{part_name(rows)}"
+            run.write_atomic(path, lambda stream, piece=piece: pq.write_table(piece, stream))
+            shards.append(int(shard))
+            counts.append(piece.num_rows)
+            paths.append(path)
+    return pa.table({"shard": shards, "rows": counts, "part": paths}, schema=PART_SUMMARY_SCHEMA)
+
+
+def _read_part(run: RunDir, path: str) -> pa.Table:
+    with run.fs.open(path, "rb") as stream:
+        return pq.read_table(stream)
+
+
+def _shard_counts(samples: pa.Table, dataset: pa.Table) -> dict[str, Any]:
+    return {
+        "rows": samples.num_rows,
+        "status": {i["values"]: i["counts"] for i in pc.value_counts(samples.column("status")).to_pylist()},
+        "kept": {i["values"]: i["counts"] for i in pc.value_counts(dataset.column("source")).to_pylist()},
+    }
+
+
+def commit_shard(
+    run: RunDir,
+    shard: int,
+    parts: Sequence[str],
+    *,
+    expected: int,
+    keep_cols: Sequence[str] = (),
+    image_ext: str = "jpg",
+) -> dict[str, Any]:
+    """Commit task body: assemble ``parts`` into the shard's three files, then delete them.
+
+    Returns the shard's summary (shard, rows, images, pairs, status counts, kept counts).
+    Rows present in two parts (a retried task whose first attempt also wrote) are kept once.
+    """
+    if run.exists(run.shard_path(SAMPLES_DIR, shard)):  # a retry after the commit: report only
+        run.remove(parts)
+        counts = run.shard_counts(shard)
+        return {"shard": shard, "images": None, "pairs": sum(counts["kept"].values()), **counts}
+    tables = [_read_part(run, path) for path in parts]
+    rows = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    del tables
+    numbers = rows.column(ROW_COLUMN).to_numpy()
+    _, first = np.unique(numbers, return_index=True)  # sorted by _row, each row once
+    rows = rows.take(pa.array(first))
+    if rows.num_rows != expected:
+        raise RuntimeError(f"shard {shard}: {rows.num_rows} rows in its parts, expected {expected}")
+    keys = rows.column("key")
+    if pc.count_distinct(keys).as_py() != rows.num_rows:
+        counts = pc.value_counts(keys)
+        repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))[0].as_py()
+        raise UserError(
+            f"input.key_col: key {repeated['values']!r} occurs {repeated['counts']} times in shard {shard} "
+            "(keys must be unique across the input files)"
+        )
+    summary = write_shard(run, shard, rows, keep_cols=keep_cols, image_ext=image_ext)
+    run.remove(parts)
+    return {"shard": shard, "images": summary.images, "pairs": summary.pairs, **(summary.counts or {})}
+
+
+# --------------------------------------------------------------------------- reading
 
 
 def _read_shards(directory: Path, columns: Iterable[str] | None = None) -> pa.Table | None:
-    files = sorted(p for p in directory.glob("shard-*.parquet") if _SHARD_RE.match(p.name))
+    files = sorted(p for p in directory.glob("shard-*.parquet") if SHARD_RE.match(p.name))
     if not files:
         return None
     tables = [pq.read_table(p, columns=list(columns) if columns is not None else None) for p in files]
@@ -384,28 +436,3 @@ def read_dataset(run_dir: Path, *, with_images: bool = False) -> pa.Table | None
                 }
         images.append(cache[tar_name][member])
     return table.append_column("image", pa.array(images, type=pa.binary()))
-
-
-def summarize(run_dir: Path) -> dict[str, Any]:
-    """Counts over every committed shard: rows, rows by status, kept pairs by source, shards.
-
-    Recomputed from the files (not from what one process saw), so a resumed run reports the
-    same numbers as an uninterrupted one.
-    """
-    run_dir = Path(run_dir)
-    samples = read_samples(run_dir, columns=["status"])
-    dataset = _read_shards(run_dir / DATASET_DIR, columns=["source"])
-    by_status: dict[str, int] = {}
-    if samples is not None:
-        for item in pc.value_counts(samples.column("status")).to_pylist():
-            by_status[item["values"]] = item["counts"]
-    kept = {"web": 0, "synthetic": 0}
-    if dataset is not None:
-        for item in pc.value_counts(dataset.column("source")).to_pylist():
-            kept[item["values"]] = item["counts"]
-    return {
-        "rows": samples.num_rows if samples is not None else 0,
-        "shards": len(committed_shards(run_dir)),
-        "status": dict(sorted(by_status.items())),
-        "kept": kept,
-    }

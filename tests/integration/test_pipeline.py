@@ -230,7 +230,9 @@ def test_manifest_counts_add_up_to_the_input(reference: Path) -> None:
     }
     assert data["kept"]["web"] > 0 and data["kept"]["synthetic"] > 0, "the threshold should keep some texts"
     assert {"capfilt", "torch", "transformers", "ray"} <= set(data["versions"])
-    assert [s["operator"] for s in data["timing"]["stages"]][-1].endswith("(finish_batch)")
+    last = data["timing"]["stages"][-1]
+    assert last["operator"].endswith("(finish_batch)->MapBatches(_write_parts)"), "select + write fused"
+    assert last["output_bytes_per_row"] < 200, "only (shard, rows, part path) leave the write tasks"
     assert yaml.safe_load((reference / "config.yaml").read_text())["output"]["dir"] == str(reference)
 
 

@@ -18,7 +18,9 @@ from capfilt.stages.read import (
     check_input,
     list_input_files,
     make_key,
+    plan_input,
     read_table,
+    read_unit,
     read_webdataset,
 )
 
@@ -200,3 +202,111 @@ def test_fsspec_urls_and_check_input():
     check_rows(read_table(url, cfg(url)))
     with pytest.raises(UserError, match="input.text_col: column 'caption' not found"):
         check_input(cfg(url, text_col="caption"))
+
+
+# --------------------------------------------------------------------------- reading by units (tasks)
+
+
+def _by_units(config: InputConfig, rows_per_shard: int = 3, done: frozenset[int] = frozenset()) -> pa.Table:
+    """What the pipeline's read tasks produce, unit by unit, concatenated."""
+    plan = plan_input(config, rows_per_shard=rows_per_shard, done=done)
+    tables = [read_unit(unit, config, rows_per_shard=rows_per_shard) for unit in plan.units]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _write_format(path: Path, fmt: str, rows: dict) -> None:
+    pairs = list(zip(rows["URL"], rows["TEXT"], strict=True))
+    if fmt == "parquet":
+        pq.write_table(pa.table(rows), path, row_group_size=2)
+    elif fmt == "jsonl":
+        path.write_text(
+            "\n".join(json.dumps({"URL": u, "TEXT": t}) for u, t in pairs) + "\n", encoding="utf-8"
+        )
+    elif fmt == "webdataset":
+        write_shard(path, [(f"k{path.stem}{i}", {"json": json.dumps({"url": u, "caption": t}).encode()})
+                           for i, (u, t) in enumerate(pairs)])  # fmt: skip
+    else:
+        sep = "," if fmt == "csv" else "\t"
+        lines = ["URL" + sep + "TEXT"] + [sep.join([u or "", t or ""]) for u, t in pairs]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "tsv", "jsonl", "webdataset"])
+def test_read_units_give_the_same_rows_as_the_whole_input(tmp_path, fmt, monkeypatch):
+    import capfilt.stages.read as read
+
+    monkeypatch.setattr(read, "UNIT_ROWS", 2)  # several units per Parquet file (row groups of 2)
+    suffix = {"webdataset": "tar"}.get(fmt, fmt)
+    for name in ("b", "a"):
+        _write_format(tmp_path / f"{name}.{suffix}", fmt, {"URL": ROWS["URL"], "TEXT": ROWS["TEXT"]})
+    config = cfg(tmp_path, format=fmt)
+    plan = plan_input(config, rows_per_shard=3)
+    assert plan.rows == [4, 4] and plan.total_rows == 8
+    assert len(plan.units) == (4 if fmt == "parquet" else 2)
+    whole = read_table(str(tmp_path), config)
+    units = _by_units(config)
+    assert units.drop_columns(["_row", "_shard"]).equals(whole)
+    assert units["_row"].to_pylist() == list(range(8))
+    assert units["_shard"].to_pylist() == [0, 0, 0, 1, 1, 1, 2, 2]
+    if fmt != "webdataset":
+        assert units["key"].to_pylist()[4:6] == [make_key(1, 0), make_key(1, 1)]  # today's key scheme
+    # Resume: rows of committed shards are not read again (units wholly inside them are skipped).
+    resumed = _by_units(config, done=frozenset({0, 2}))
+    assert resumed["_row"].to_pylist() == [3, 4, 5]
+    assert resumed["key"].to_pylist() == whole["key"].to_pylist()[3:6]
+
+
+def test_read_unit_refuses_a_file_that_changed_after_counting(tmp_path):
+    path = tmp_path / "a.csv"
+    _write_format(path, "csv", {"URL": ROWS["URL"], "TEXT": ROWS["TEXT"]})
+    config = cfg(path, format="csv")
+    (unit,) = plan_input(config, rows_per_shard=10).units
+    path.write_text("URL,TEXT\nhttp://x,only one row now\n")
+    with pytest.raises(UserError, match=r"a.csv changed while the run was starting \(1 rows where 4"):
+        read_unit(unit, config, rows_per_shard=10)
+
+
+def test_path_lists_globs_and_directories(tmp_path):
+    for sub, name in (("d", "x.parquet"), ("d", "y.parquet"), ("g", "b.parquet"), ("g", "a.parquet")):
+        (tmp_path / sub).mkdir(exist_ok=True)
+        pq.write_table(pa.table(ROWS), tmp_path / sub / name)
+    single = str(tmp_path / "d" / "y.parquet")
+    entries = [str(tmp_path / "g" / "*.parquet"), str(tmp_path / "d"), single]
+    files = list_input_files(entries, "parquet")
+    assert files == [str(tmp_path / p) for p in ("g/a.parquet", "g/b.parquet", "d/x.parquet", "d/y.parquet")]
+    config = InputConfig(path=entries)
+    assert config.path == entries
+    table = _by_units(config, rows_per_shard=100)
+    assert table.num_rows == 16 and table["key"].to_pylist()[12] == make_key(3, 0)
+    with pytest.raises(UserError, match="list of inputs is empty"):
+        list_input_files([], "parquet")
+    with pytest.raises(Exception, match="list of inputs is empty"):
+        InputConfig(path=[])
+
+
+@pytest.mark.parametrize(
+    ("url", "package"), [("s3://bucket/laion/part-00000.parquet", "s3fs"), ("gs://bucket/x", "gcsfs")]
+)
+def test_a_missing_filesystem_package_is_one_line_naming_it(url, package):
+    import importlib.util
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    with pytest.raises(
+        UserError, match=rf"^input.path: \w+:// needs {package} \(pip install {package}\)"
+    ) as err:
+        list_input_files(url, "parquet")
+    assert "\n" not in str(err.value)
+    from capfilt.rundir import RunDir
+
+    with pytest.raises(UserError, match=rf"^output.dir: \w+:// needs {package}"):
+        RunDir(url)
+
+
+def test_hf_urls_use_huggingface_hubs_filesystem():
+    fsspec = pytest.importorskip("fsspec")
+    pytest.importorskip("huggingface_hub")
+    from huggingface_hub import HfFileSystem
+
+    fs, _ = fsspec.core.url_to_fs("hf://datasets/org/name/data/part-0.parquet")
+    assert isinstance(fs, HfFileSystem)

@@ -1,4 +1,4 @@
-"""The select rule, the shard buffer and the shard writer (atomic commit, resume, one row per input)."""
+"""The select rule, part files, the shard commit (atomic, idempotent, resume) and one row per input."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from capfilt.pipeline import assign_shards, finish_batch
+from capfilt.errors import UserError
+from capfilt.pipeline import finish_batch, shard_sizes
+from capfilt.rundir import RunDir
 from capfilt.stages import write
 from capfilt.stages.select import object_array, select, select_table
 
@@ -128,26 +130,58 @@ def shard_rows(rows: list[int], *, rows_per_shard: int = 4, ok: bool = True) -> 
     )
 
 
-def test_shard_buffer_commits_a_shard_once_all_its_rows_arrived_in_any_order() -> None:
-    buffer = write.ShardBuffer(expected={0: 4, 1: 3})
-    assert buffer.add(shard_rows([6, 1, 3])) == []
-    assert buffer.pending == {1: 1, 0: 2}
-    done = buffer.add(shard_rows([0, 5, 2]))
-    assert [shard for shard, _ in done] == [0]
-    assert done[0][1].column(write.ROW_COLUMN).to_pylist() == [0, 1, 2, 3]
-    done = buffer.add(shard_rows([4]))
-    assert [(s, t.column("key").to_pylist()) for s, t in done] == [
-        (1, ["000000004", "000000005", "000000006"])
+def test_write_parts_splits_a_block_by_shard_with_deterministic_names(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    block = shard_rows([6, 1, 3, 0])
+    summary = write.write_parts(block, run=run)
+    assert summary.schema == write.PART_SUMMARY_SCHEMA and "image" not in summary.column_names
+    assert summary.column("shard").to_pylist() == [0, 1] and summary.column("rows").to_pylist() == [3, 1]
+    first, second = summary.column("part").to_pylist()
+    assert first.startswith(str(tmp_path / write.PARTS_DIR / "shard-00000" / "part-000000000000-3-"))
+    assert pq.read_table(first).column(write.ROW_COLUMN).to_pylist() == [0, 1, 3]
+    assert pq.read_table(second).column("image").to_pylist() == block.column("image").to_pylist()[:1]
+    again = write.write_parts(block.take([3, 2, 1, 0]), run=run)  # a retried task, rows reordered
+    assert again.column("part").to_pylist() == [first, second], "same rows, same part names"
+    assert sorted(p.name for p in (tmp_path / write.PARTS_DIR).rglob("*")) == sorted(
+        ["shard-00000", "shard-00001", Path(first).name, Path(second).name]
+    )
+
+
+def test_commit_shard_from_parts_equals_writing_the_shard_at_once(tmp_path: Path) -> None:
+    a, b = RunDir(tmp_path / "a"), tmp_path / "b"
+    parts = [
+        *write.write_parts(shard_rows([5, 7]), run=a).column("part").to_pylist(),
+        *write.write_parts(shard_rows([4, 5, 6]), run=a).column("part").to_pylist(),  # row 5 twice
     ]
-    assert buffer.expected == {}
+    summary = write.commit_shard(a, 1, parts, expected=4, keep_cols=["lang"])
+    write.write_shard(b, 1, shard_rows([4, 5, 6, 7]), keep_cols=["lang"])
+    for kind in (write.IMAGES_DIR, write.DATASET_DIR, write.SAMPLES_DIR):
+        name = f"shard-00001.{'tar' if kind == write.IMAGES_DIR else 'parquet'}"
+        assert (tmp_path / "a" / kind / name).read_bytes() == (b / kind / name).read_bytes(), kind
+    assert summary == {
+        "shard": 1, "images": 3, "pairs": 5, "rows": 4, "status": {"ok": 3, "download_failed": 1},
+        "kept": {"web": 2, "synthetic": 3},
+    }  # fmt: skip
+    assert not [p for p in (tmp_path / "a").rglob("*") if p.is_file() and write.PARTS_DIR in p.parts]
+    # A retry after the commit (parts already deleted) reports the same counts, rewrites nothing.
+    mtime = write.samples_path(tmp_path / "a", 1).stat().st_mtime_ns
+    retry = write.commit_shard(a, 1, parts, expected=4, keep_cols=["lang"])
+    assert {k: retry[k] for k in ("rows", "status", "kept")} == {
+        k: summary[k] for k in ("rows", "status", "kept")
+    }
+    assert write.samples_path(tmp_path / "a", 1).stat().st_mtime_ns == mtime
 
 
-def test_shard_buffer_refuses_more_rows_than_expected() -> None:
-    buffer = write.ShardBuffer(expected={0: 2})
-    with pytest.raises(RuntimeError, match="expected 2"):
-        buffer.add(shard_rows([0, 1, 1]))
-    with pytest.raises(RuntimeError, match="does not write"):
-        write.ShardBuffer(expected={0: 2}).add(shard_rows([9]))
+def test_commit_shard_refuses_missing_rows_and_duplicate_keys(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    parts = write.write_parts(shard_rows([0, 1, 2]), run=run).column("part").to_pylist()
+    with pytest.raises(RuntimeError, match="3 rows in its parts, expected 4"):
+        write.commit_shard(run, 0, parts, expected=4)
+    assert write.committed_shards(tmp_path) == set()
+    rows = shard_rows([4, 5]).set_column(0, "key", pa.array(["same", "same"]))
+    parts = write.write_parts(rows, run=run).column("part").to_pylist()
+    with pytest.raises(UserError, match="key 'same' occurs 2 times in shard 1"):
+        write.commit_shard(run, 1, parts, expected=2)
 
 
 def test_write_shard_writes_one_sample_per_row_images_and_kept_pairs(tmp_path: Path) -> None:
@@ -197,36 +231,147 @@ def test_a_crash_before_the_samples_file_leaves_the_shard_uncommitted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write.write_shard(tmp_path, 0, shard_rows([0, 1, 2, 3]))
+    stale_part = write.write_parts(shard_rows([8]), run=RunDir(tmp_path)).column("part").to_pylist()[0]
     real_write_table = pq.write_table
 
-    def dies_on_samples(table: pa.Table, where: Path, *args, **kwargs) -> None:
-        if Path(where).parent.name == write.SAMPLES_DIR:
-            Path(where).write_bytes(b"half a parq")  # what a kill mid-write leaves behind
+    def dies_on_samples(table: pa.Table, where, *args, **kwargs) -> None:
+        if Path(getattr(where, "name", "")).parent.name == write.SAMPLES_DIR:
+            where.write(b"half a parq")  # what a kill mid-write leaves behind
+            where.flush()
             raise KeyboardInterrupt("killed")
         real_write_table(table, where, *args, **kwargs)
 
     monkeypatch.setattr(pq, "write_table", dies_on_samples)
+    monkeypatch.setattr("capfilt.rundir.atomic_write", _atomic_write_without_cleanup)
     with pytest.raises(KeyboardInterrupt):
         write.write_shard(tmp_path, 1, shard_rows([4, 5, 6, 7]))
-    monkeypatch.setattr(pq, "write_table", real_write_table)
+    monkeypatch.undo()
     assert write.committed_shards(tmp_path) == {0}
     assert write.images_path(tmp_path, 1).exists() and write.dataset_path(tmp_path, 1).exists()
     removed = {p.name for p in write.clean_partial(tmp_path)}
-    assert removed == {"shard-00001.tar", "shard-00001.parquet", ".shard-00001.parquet.tmp"}
+    assert removed == {
+        "shard-00001.tar",
+        "shard-00001.parquet",
+        ".shard-00001.parquet.tmp",
+        Path(stale_part).name,
+    }
     assert write.committed_shards(tmp_path) == {0} and write.images_path(tmp_path, 0).exists()
+    assert not (tmp_path / write.PARTS_DIR).exists()
     assert write.summarize(tmp_path) == {
         "rows": 4, "shards": 1, "status": {"download_failed": 1, "ok": 3}, "kept": {"web": 1, "synthetic": 3},
     }  # fmt: skip
 
 
-def test_assign_shards_is_stable_and_skips_committed_shards() -> None:
-    table = pa.table({"key": [str(i) for i in range(10)]})
-    todo, expected = assign_shards(table, 4, set())
-    assert expected == {0: 4, 1: 4, 2: 2}
-    assert todo.column(write.SHARD_COLUMN).to_pylist() == [0] * 4 + [1] * 4 + [2] * 2
-    resumed, expected = assign_shards(table, 4, {0, 2})
-    assert expected == {1: 4}
-    assert resumed.column("key").to_pylist() == ["4", "5", "6", "7"]
-    assert resumed.column(write.ROW_COLUMN).to_pylist() == [4, 5, 6, 7]
-    _, nothing = assign_shards(table, 4, {0, 1, 2})
-    assert nothing == {}
+def _atomic_write_without_cleanup(path, write_fn):
+    """atomic_write as a SIGKILL sees it: the temporary file stays when the process dies."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp")
+    with open(tmp, "wb") as stream:
+        result = write_fn(stream)
+    import os
+
+    os.replace(tmp, final)
+    return result
+
+
+def test_atomic_write_removes_its_temporary_file_on_failure(tmp_path: Path) -> None:
+    from capfilt.rundir import atomic_write
+
+    def fails(stream) -> None:
+        stream.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(tmp_path / "x" / "a.bin", fails)
+    assert list((tmp_path / "x").iterdir()) == []
+    atomic_write(tmp_path / "x" / "a.bin", lambda stream: stream.write(b"whole"))
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["a.bin"]
+
+
+def test_shard_sizes_cover_every_row_and_skip_committed_shards() -> None:
+    assert shard_sizes(10, 4, set()) == {0: 4, 1: 4, 2: 2}
+    assert shard_sizes(10, 4, {0, 2}) == {1: 4}
+    assert shard_sizes(10, 4, {0, 1, 2}) == {}
+    assert shard_sizes(0, 4, set()) == {}
+
+
+# --------------------------------------------------------------------------- verified resume
+
+
+def test_verify_shard_finds_each_kind_of_damage(tmp_path: Path) -> None:
+    from capfilt import rundir
+
+    run = RunDir(tmp_path)
+
+    def fresh() -> None:
+        write.write_shard(tmp_path, 0, shard_rows([0, 1, 2, 3]))
+
+    fresh()
+    assert rundir.verify_shard(run, 0, 4) is None
+    recorded = rundir.shard_meta(run, 0)[1]
+    assert recorded["rows"] == 4 and len(recorded["images_sha256"]) == 64
+    assert "3 rows" not in (rundir.verify_shard(run, 0, 3) or "") and "4 rows" in rundir.verify_shard(
+        run, 0, 3
+    )
+    tar = write.images_path(tmp_path, 0)
+    tar.write_bytes(tar.read_bytes()[:-1024])  # truncated
+    assert "images/shard-00000.tar does not match its recorded sha256" in rundir.verify_shard(run, 0, 4)
+    fresh()
+    write.dataset_path(tmp_path, 0).unlink()
+    assert rundir.verify_shard(run, 0, 4) == "dataset/shard-00000.parquet is missing"
+    fresh()
+    write.samples_path(tmp_path, 0).write_bytes(b"not parquet")
+    assert rundir.verify_shard(run, 0, 4).startswith("samples file unreadable")
+    rundir.remove_shard(run, 0)
+    assert write.committed_shards(tmp_path) == set() and not write.images_path(tmp_path, 0).exists()
+
+
+def test_input_fingerprint_adds_up_over_read_units(tmp_path: Path) -> None:
+    from capfilt import rundir
+    from capfilt.config import InputConfig
+    from capfilt.stages.read import fingerprint_unit, plan_input, read_unit
+
+    pq.write_table(pa.table({"URL": [f"http://x/{i}" for i in range(7)], "TEXT": list("abcdefg")}),
+                   tmp_path / "a.parquet", row_group_size=2)  # fmt: skip
+    config = InputConfig(path=str(tmp_path / "a.parquet"))
+    import capfilt.stages.read as read
+
+    old, read.UNIT_ROWS = read.UNIT_ROWS, 2
+    try:
+        plan = plan_input(config, rows_per_shard=3)
+        done_plan = plan.with_done({0, 1}, 3, keep_done=True)
+        sums: dict[int, list[int]] = {}
+        for unit in done_plan.units:
+            for shard, (n, term) in fingerprint_unit(unit, config, rows_per_shard=3).items():
+                entry = sums.setdefault(shard, [0, 0])
+                entry[0] += n
+                entry[1] = (entry[1] + term) % 2**64
+        rows = pa.concat_tables([read_unit(u, config, rows_per_shard=3) for u in plan.units])
+        todo = plan.with_done({0, 1}, 3).units
+    finally:
+        read.UNIT_ROWS = old
+    assert len(done_plan.units) == 4 and [(u.start, u.skip_shards) for u in todo] == [(6, ())]
+    for shard in (0, 1):
+        mine = rows.filter(pa.compute.equal(rows.column(write.SHARD_COLUMN), shard))
+        assert sums[shard] == [3, int(rundir.input_fingerprint(mine), 16)]
+    changed = rows.set_column(2, "web_text", pa.array(["z"] * rows.num_rows))
+    assert rundir.input_fingerprint(changed) != rundir.input_fingerprint(rows)
+
+
+def test_resuming_with_other_model_weights_is_refused(tmp_path: Path) -> None:
+    from capfilt.config import PipelineConfig
+    from capfilt.pipeline import _check_models
+
+    model = tmp_path / "captioner"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights v1")
+    cfg = PipelineConfig(
+        input={"path": "x.parquet"}, caption={"model": str(model)}, output={"dir": str(tmp_path)}
+    )
+    run = RunDir(tmp_path / "run")
+    _check_models(run, cfg, resuming=False)
+    _check_models(run, cfg, resuming=True)  # same weights: fine
+    (model / "model.safetensors").write_bytes(b"weights v2")
+    with pytest.raises(UserError, match=r"^caption.model: the weights of .*captioner changed since shards"):
+        _check_models(run, cfg, resuming=True)
