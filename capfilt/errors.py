@@ -45,13 +45,14 @@ def os_errno(err: OSError) -> int | None:
 def user_os_error(err: OSError, path: str | os.PathLike[str] | None = None) -> UserError | None:
     """``err`` as a one-line UserError when it is about the disk or permissions, else None.
 
-    ``path`` names the file when ``err`` does not (pyarrow's errors do not); the message is
-    ``PATH: cannot write: no space left on device``-style, with ``(errno N)`` for the record.
+    The message names ``path`` when given (the file the caller meant to write, rather than
+    its temporary name), else the file ``err`` names: ``runs/x/samples/shard-00000.parquet:
+    no space left on device (ENOSPC)``.
     """
     number = os_errno(err)
     if number not in USER_ERRNOS:
         return None
-    where = err.filename if getattr(err, "filename", None) else path
+    where = path if path is not None else (err.filename or None)
     problem = USER_ERRNOS[number]
     prefix = f"{Path(where)}: " if where is not None else ""
     return UserError(f"{prefix}{problem} ({errno.errorcode.get(number, number)})")

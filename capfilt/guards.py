@@ -20,6 +20,7 @@ exit code 2) so the readers and writers that call it stay one line long:
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
@@ -80,6 +81,24 @@ def _raise_if_bad(key: Any, template: str) -> None:
         shown = shown if len(shown) <= 80 else shown[:77] + "..."
         message = template.replace("{key}", shown)
         raise UserError(f"{message} {problem} (keys name files in the output tars)")
+
+
+_MEMBER_EXTENSION = re.compile(r"^[A-Za-z0-9]{1,10}$")
+
+
+def validate_member(member: Any, *, where: str) -> str:
+    """Check a tar member name read back from a run directory (``KEY.jpg``); returns its extension.
+
+    The name must be a valid key, a dot and a short alphanumeric extension: no directories,
+    no ``..``, no control characters.
+    """
+    stem, dot, extension = member.rpartition(".") if isinstance(member, str) else ("", "", "")
+    if not dot or not _MEMBER_EXTENSION.match(extension):
+        raise UserError(
+            f"{where}: image member {member!r} is not KEY.EXT (the run directory may have been edited)"
+        )
+    _raise_if_bad(stem, f"{where}: image member {member!r}: key {{key}}")
+    return extension
 
 
 class SampleNames:
@@ -153,7 +172,9 @@ def inside(root: str | os.PathLike[str], relative: str, *, what: str) -> Path:
         raise UserError(f"{what}: {relative!r} is not a relative path inside {root}")
     target = (base / relative).resolve()
     if target != base and base not in target.parents:
-        raise UserError(f"{what}: {relative!r} points outside {root}; the run directory may have been tampered with")
+        raise UserError(
+            f"{what}: {relative!r} points outside {root}; the run directory may have been tampered with"
+        )
     return target
 
 

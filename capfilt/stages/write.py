@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from capfilt.errors import user_os_error
 from capfilt.stages.status import Status
 
 SAMPLES_DIR = "samples"
@@ -138,13 +139,24 @@ def clean_partial(run_dir: Path) -> list[Path]:
 
 
 def _commit(write: Any, final: Path) -> None:
-    """Write through ``write(tmp_path)`` to a hidden temporary name, fsync, rename to ``final``."""
+    """Write through ``write(tmp_path)`` to a hidden temporary name, fsync, rename to ``final``.
+
+    On any failure the temporary file is removed; a full or read-only disk (or missing
+    permissions) becomes a one-line UserError naming ``final``.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        user = user_os_error(err, final) if isinstance(err, OSError) else None
+        if user is not None:
+            raise user from None
+        raise
 
 
 class ShardBuffer:
