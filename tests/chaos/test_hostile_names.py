@@ -19,9 +19,6 @@ import pytest
 from chaos.helpers import cli, one_line_error, pipeline_yaml, tmp_files, url_list
 from support import make_run
 
-from capfilt.errors import UserError
-from capfilt.guards import inside, validate_key
-
 # --------------------------------------------------------------------------- tampered run directories
 
 
@@ -89,6 +86,9 @@ def test_export_refuses_a_control_character_key(tmp_path: Path) -> None:
 
 def test_inside_resolves_symlinks(tmp_path: Path) -> None:
     """The last line of defence: a directory symlinked out of the root does not count as inside."""
+    from capfilt.errors import UserError
+    from capfilt.guards import inside
+
     (tmp_path / "root").mkdir()
     (tmp_path / "outside").mkdir()
     (tmp_path / "root" / "images").symlink_to(tmp_path / "outside")
@@ -153,5 +153,7 @@ def test_duplicate_webdataset_names_across_directories(tmp_path: Path, no_ray: N
 
 
 def test_validate_key_accepts_what_img2dataset_writes() -> None:
+    from capfilt.guards import validate_key
+
     for key in ("000000042", "00000_000000042", "laion-2b_en_123", "clé_ünïcode"):
         validate_key(key, where="test")
