@@ -44,8 +44,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 
+from capfilt.config import parse_yaml
 from capfilt.errors import UserError, user_os_error
 from capfilt.guards import inside, validate_key, validate_member
 from capfilt.stages.status import Status
@@ -100,10 +100,8 @@ class RunView:
         path = self.pipeline_dir / "config.yaml"
         if not path.is_file():
             return {}
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise UserError(f"{path}: not valid YAML ({err})") from None
+        # The strict config loader: a config.yaml edited into an alias bomb is one line, not a hang.
+        data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
         return data if isinstance(data, dict) else {}
 
     def config_text(self) -> str:

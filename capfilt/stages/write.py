@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from capfilt.errors import user_os_error
+from capfilt.guards import inside
 from capfilt.stages.status import Status
 
 SAMPLES_DIR = "samples"
@@ -151,7 +152,7 @@ def _commit(write: Any, final: Path) -> None:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, final)
-    except BaseException as err:
+    except Exception as err:  # a kill (or Ctrl-C) leaves the .tmp for clean_partial instead
         tmp.unlink(missing_ok=True)
         user = user_os_error(err, final) if isinstance(err, OSError) else None
         if user is not None:
@@ -386,7 +387,7 @@ def read_dataset(run_dir: Path, *, with_images: bool = False) -> pa.Table | None
         table.column("image_tar").to_pylist(), table.column("image_member").to_pylist(), strict=True
     ):
         if tar_name not in cache:
-            with tarfile.open(run_dir / tar_name) as tar:
+            with tarfile.open(inside(run_dir, tar_name, what="image_tar")) as tar:
                 cache = {
                     tar_name: {
                         m.name: tar.extractfile(m).read()  # type: ignore[union-attr]

@@ -84,6 +84,15 @@ def test_export_refuses_a_control_character_key(tmp_path: Path) -> None:
     assert "\x1b" not in line  # shown escaped, so it cannot drive the terminal
 
 
+def test_export_refuses_an_alias_bomb_in_config_yaml(tmp_path: Path) -> None:
+    """A run's config.yaml is read with the same strict loader as a user's config."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    make_run(run)
+    levels = [f"{n}: &{n} [{','.join(['*' + p] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi", strict=True)]
+    (run / "config.yaml").write_text("\n".join(["a: &a [x,x,x,x,x,x,x,x,x]", *levels, "filter: *i", ""]))
+    one_line_error(cli("export", run, "--out", out), "config.yaml", "aliases expand to more than")
+
+
 def test_inside_resolves_symlinks(tmp_path: Path) -> None:
     """The last line of defence: a directory symlinked out of the root does not count as inside."""
     from capfilt.errors import UserError
