@@ -133,10 +133,6 @@ class _Section(BaseModel):
         return value
 
 
-Section = _Section
-"""Public name of the shared base, for schemas outside this module."""
-
-
 class InputConfig(_Section):
     """Where the URL/text pairs come from and which columns hold what."""
 
@@ -453,6 +449,8 @@ def _parse_override(override: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as err:
         problem = " ".join((getattr(err, "problem", None) or "invalid YAML value").split())
         raise UserError(f"--set {override}: cannot parse value {raw!r}: {problem}") from None
+    except RecursionError:
+        raise UserError(f"--set {override}: cannot parse value: nested too deeply") from None
     return parts, value
 
 

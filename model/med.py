@@ -1066,6 +1066,7 @@ def check_safetensors(path: Path) -> None:
     Reads the 8-byte header length and the JSON header only, so a truncated download or a
     garbage file is a one-line CheckpointError before any tensor is allocated.
     """
+
     def bad(reason: str) -> CheckpointError:
         return CheckpointError(f"{path}: truncated or not a safetensors file ({reason})")
 
