@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from capfilt.config import (
     CaptionConfig,
@@ -59,6 +59,7 @@ from capfilt.config import (
     OutputConfig,
     PipelineConfig,
     RayConfig,
+    _Section,
     dump,
     load_model,
     load_model_text,
@@ -85,12 +86,6 @@ class InjectedFault(RuntimeError):
 
 
 # --------------------------------------------------------------------------- config schema
-
-
-class _Section(BaseModel):
-    """Unknown keys are errors: a typo must not silently run with a default."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True, coerce_numbers_to_str=True)
 
 
 class CorpusSection(_Section):

@@ -39,11 +39,17 @@ SetOpt = Annotated[
 
 
 def _user_errors(fn):
-    """Print user-facing errors as one line and exit 2 (no traceback)."""
+    """Print user-facing errors as one line and exit 2 (no traceback).
+
+    User-facing: :class:`capfilt.errors.UserError`, :class:`model.med.CheckpointError`, and
+    an ``OSError`` about the disk or permissions (read-only, full, no access, a path through
+    a file; see ``capfilt.errors.USER_ERRNOS``). Any other exception is a bug and keeps its
+    traceback.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from capfilt.errors import UserError
+        from capfilt.errors import UserError, user_os_error
 
         try:
             from model.med import CheckpointError
@@ -52,8 +58,14 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (UserError, CheckpointError) as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2) from None
+            message = str(err)
+        except OSError as err:
+            user = user_os_error(err)
+            if user is None:
+                raise
+            message = str(user)
+        typer.echo(f"error: {' '.join(message.split())}", err=True)
+        raise typer.Exit(2)
 
     return wrapper
 

@@ -15,19 +15,31 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from capfilt.errors import UserError
 
-#: Columns the pipeline itself writes into ``samples/*.parquet``; ``input.keep_cols`` may
-#: not reuse these names, or a carried input column would silently overwrite (or be
-#: overwritten by) a pipeline column.
+#: Columns the pipeline itself writes into ``samples/*.parquet`` or carries between stages
+#: (``_row``, ``_shard``, ``image``); ``input.keep_cols`` may not reuse these names, or a
+#: carried input column would silently overwrite (or be overwritten by) a pipeline column.
+#: Names starting with one of :data:`RESERVED_PREFIXES` are reserved as well.
 RESERVED_COLUMNS: frozenset[str] = frozenset(
     {
+        "_row",
+        "_shard",
         "key",
         "url",
         "web_text",
@@ -49,14 +61,58 @@ RESERVED_COLUMNS: frozenset[str] = frozenset(
     }
 )
 
+RESERVED_PREFIXES: tuple[str, ...] = ("_", "pixels_")
+"""Internal column namespaces: ``_row``-style bookkeeping and the preprocess stage's pixels."""
+
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+
+# --------------------------------------------------------------------------- bounds
+#
+# The same rules hold for every numeric field of every section (pipeline, train, bootstrap),
+# enforced once by :class:`_Section`: a YAML boolean is never a number (``image_size: true``
+# is not 1) and floats are finite (``.inf`` and ``.nan`` are refused). The limits that
+# protect a run are the Annotated types below, so each lives in one place.
+
+MAX_IMAGE_SIDE = 4096
+"""Largest ``download.image_size``: a 4096 x 4096 RGB image is 50 MB decoded."""
+MAX_RETRIES = 10
+"""Most extra attempts per URL (``download.retries``)."""
+MAX_TIMEOUT_S = 3600.0
+"""Longest per-URL timeout in seconds (``download.timeout_s``)."""
+MAX_ROWS_PER_SHARD = 2**31 - 1
+"""Largest ``output.rows_per_shard`` (row indices inside a shard are 32-bit)."""
+
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+ImageSide = Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)]
+Seconds = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)]
+Retries = Annotated[int, Field(ge=0, le=MAX_RETRIES)]
+ShardRows = Annotated[int, Field(ge=1, le=MAX_ROWS_PER_SHARD)]
+
+
+def _is_number_type(annotation: Any) -> bool:
+    """Whether a field's type is int or float (also inside Annotated[...] or ``X | None``)."""
+    if get_origin(annotation) is Annotated:
+        return _is_number_type(get_args(annotation)[0])
+    if annotation in (int, float):
+        return True
+    args = get_args(annotation)
+    if get_origin(annotation) in (Union, UnionType) and bool not in args:
+        return any(_is_number_type(arg) for arg in args)
+    return False
 
 
 class _Section(BaseModel):
-    """Base of every section: unknown keys are errors, defaults are validated too.
+    """Base of every config section (pipeline, ``capfilt train`` and ``capfilt bootstrap``).
 
-    ``coerce_numbers_to_str`` lets ``--set output.dir=2024`` or ``caption.model: 123``
-    mean the string the user typed, since YAML would otherwise hand us an int.
+    Unknown keys are errors and defaults are validated too. ``coerce_numbers_to_str`` lets
+    ``--set output.dir=2024`` or ``caption.model: 123`` mean the string the user typed,
+    since YAML would otherwise hand us an int. Every int or float field refuses booleans
+    (pydantic's lax mode would read ``true`` as 1) and every float field refuses ``.inf``
+    and ``.nan`` (``allow_inf_nan=False``).
     """
 
     model_config = ConfigDict(
@@ -64,7 +120,17 @@ class _Section(BaseModel):
         validate_default=True,
         validate_assignment=True,
         coerce_numbers_to_str=True,
+        allow_inf_nan=False,
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name is not None:
+            field = cls.model_fields.get(info.field_name)
+            if field is not None and _is_number_type(field.annotation):
+                raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+        return value
 
 
 class InputConfig(_Section):
@@ -98,7 +164,7 @@ class InputConfig(_Section):
     @field_validator("keep_cols")
     @classmethod
     def _no_reserved_or_repeated(cls, cols: list[str]) -> list[str]:
-        clash = sorted(set(cols) & RESERVED_COLUMNS)
+        clash = sorted(c for c in cols if c in RESERVED_COLUMNS or c.startswith(RESERVED_PREFIXES))
         if clash:
             raise ValueError(
                 f"{', '.join(clash)} would collide with a column the pipeline writes; rename the input column"
@@ -112,12 +178,12 @@ class InputConfig(_Section):
 class DownloadConfig(_Section):
     """Download and resize settings; names follow img2dataset's options of the same meaning."""
 
-    image_size: int = Field(default=384, ge=1)
+    image_size: ImageSide = 384
     resize_mode: Literal["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"] = "border"
-    timeout_s: float = Field(default=10.0, gt=0)
-    retries: int = Field(default=1, ge=0, description="Extra attempts after a transient failure.")
-    max_bytes: int = Field(default=20_000_000, ge=1, description="Bodies larger than this are too_large.")
-    min_image_size: int = Field(default=0, ge=0, description="Smaller side below this is too_small.")
+    timeout_s: Seconds = 10.0
+    retries: Retries = Field(default=1, description="Extra attempts after a transient failure.")
+    max_bytes: PositiveInt = Field(default=20_000_000, description="Bodies larger than this are too_large.")
+    min_image_size: NonNegativeInt = Field(default=0, description="Smaller side below this is too_small.")
     user_agent_token: str | None = Field(
         default="capfilt", description="Token in the User-Agent and matched by X-Robots-Tag."
     )
@@ -125,10 +191,10 @@ class DownloadConfig(_Section):
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"],
         description="X-Robots-Tag directives that opt an image out; [] disables the check.",
     )
-    threads: int = Field(default=16, ge=1)
+    threads: PositiveInt = 16
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
-    encode_quality: int = Field(
-        default=95, ge=0, description="0-100 for jpg/webp; zlib level 0-9 for png (default 3 there)."
+    encode_quality: NonNegativeInt = Field(
+        default=95, description="0-100 for jpg/webp; zlib level 0-9 for png (default 3 there)."
     )
 
     @field_validator("resize_mode", mode="before")
@@ -173,10 +239,10 @@ class _ModelStage(_Section):
 
     model: str | None = Field(default=None, description="HF id, local HF BLIP dir or capfilt checkpoint.")
     models: list[str] = Field(default_factory=list, description="Several models for an ensemble.")
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: PositiveInt = 64
     dtype: Dtype = "auto"
-    num_gpus: float = Field(default=0, ge=0, description="GPUs per model replica (fractions allowed).")
-    concurrency: int = Field(default=1, ge=1, description="Number of model replicas (Ray actors).")
+    num_gpus: NonNegativeFloat = Field(default=0, description="GPUs per model replica (fractions allowed).")
+    concurrency: PositiveInt = Field(default=1, description="Number of model replicas (Ray actors).")
 
     @model_validator(mode="after")
     def _one_model_source(self) -> _ModelStage:
@@ -201,15 +267,15 @@ class CaptionConfig(_ModelStage):
     sample's ``synthetic_texts`` is their union, in model order.
     """
 
-    num_captions: int = Field(default=1, ge=1)
-    top_p: float = Field(default=0.9, gt=0, le=1)
-    max_length: int = Field(default=30, ge=1)
-    min_length: int = Field(default=5, ge=0)
+    num_captions: PositiveInt = 1
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.9
+    max_length: PositiveInt = Field(default=30, description="At most the model's text positions.")
+    min_length: NonNegativeInt = 5
     prompt: str = "a picture of "
-    seed: int = Field(default=0, ge=0)
-    repetition_penalty: float = Field(default=1.0, gt=0)
+    seed: NonNegativeInt = 0
+    repetition_penalty: PositiveFloat = 1.0
     sample: bool = Field(default=True, description="True: nucleus sampling; False: beam search.")
-    num_beams: int = Field(default=3, ge=1, description="Used when sample is false.")
+    num_beams: PositiveInt = Field(default=3, description="Used when sample is false.")
 
     @model_validator(mode="after")
     def _lengths_ordered(self) -> CaptionConfig:
@@ -224,10 +290,12 @@ class FilterConfig(_ModelStage):
     With ``models`` (an ensemble) a text's score is the mean of the models' scores.
     """
 
-    batch_size: int = Field(default=128, ge=1)
-    threshold: float = Field(default=0.5, ge=0, le=1, description="Keep a text when its ITM >= this.")
+    batch_size: PositiveInt = 128
+    threshold: Probability = Field(default=0.5, description="Keep a text when its ITM >= this.")
     keep_web: bool = Field(default=True, description="Whether the web text may be kept at all.")
-    keep_synthetic: int = Field(default=1, ge=0, description="Keep at most this many synthetic captions.")
+    keep_synthetic: NonNegativeInt = Field(
+        default=1, description="Keep at most this many synthetic captions."
+    )
     itc_column: bool = Field(
         default=False, description="Also write ITC similarities (web_itc, synthetic_itc)."
     )
@@ -241,7 +309,7 @@ class OutputConfig(_Section):
         min_length=1,
         description="Run directory; load() defaults it to runs/<config file stem>.",
     )
-    rows_per_shard: int = Field(default=10_000, ge=1)
+    rows_per_shard: ShardRows = 10_000
 
 
 class RayConfig(_Section):
@@ -266,14 +334,88 @@ class PipelineConfig(_Section):
 M = TypeVar("M", bound=BaseModel)
 
 
+MAX_YAML_VALUES = 100_000
+"""Most values a YAML document may hold once its aliases are expanded (a config has ~100)."""
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys, which PyYAML would silently let win."""
+    """SafeLoader for configs: merge keys (``<<: *base``) work; the rest fails with one line.
+
+    Refused: duplicate keys (PyYAML lets the last one win), keys that are lists or mappings,
+    aliases that refer to a node containing them (an infinite value), and documents whose
+    aliases expand to more than :data:`MAX_YAML_VALUES` values ("billion laughs": 300 bytes
+    that would become 10^9 strings once copied). Both are checked on the composed node
+    graph, before any value is constructed, so the check costs time linear in the file.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_expansion(node)
+        return super().construct_document(node)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Raise ConstructorError for a cyclic alias or an expansion beyond MAX_YAML_VALUES."""
+    sizes: dict[int, int] = {}  # id(node) -> values in its expansion
+    on_path: set[int] = set()
+    # Iterative post-order walk (a deep document must not hit Python's recursion limit).
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        ident = id(node)
+        if children_done:
+            on_path.discard(ident)
+            total = 1 + sum(sizes[id(child)] for child in _children(node))
+            if total > MAX_YAML_VALUES:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"aliases expand to more than {MAX_YAML_VALUES:,} values; refusing to expand",
+                    node.start_mark,
+                )
+            sizes[ident] = total
+            continue
+        if ident in sizes:
+            continue
+        if ident in on_path:
+            raise yaml.constructor.ConstructorError(
+                None, None, "an alias refers to a value that contains it (infinite value)", node.start_mark
+            )
+        on_path.add(ident)
+        stack.append((node, True))
+        for child in _children(node):
+            if id(child) in on_path:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    "an alias refers to a value that contains it (infinite value)",
+                    child.start_mark,
+                )
+            if id(child) not in sizes:
+                stack.append((child, False))
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: set[Any] = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
+        if key_node.tag == _MERGE_TAG:
+            continue  # SafeConstructor.flatten_mapping merges these; explicit keys override them
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a plain value, not a {type(key).__name__}", key_node.start_mark
+            ) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         seen.add(key)
@@ -283,16 +425,26 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _parse_yaml(text: str, source: str) -> Any:
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML config text with :class:`_StrictLoader`; any problem is a one-line UserError.
+
+    Also used for YAML read back from a run directory (``config.yaml``), which a user may
+    have edited or which may come from elsewhere.
+    """
     try:
         return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        problem = err.problem or err.context or "invalid YAML"
+        problem = " ".join((err.problem or err.context or "invalid YAML").split())
         raise UserError(f"{where}: YAML syntax error: {problem}") from None
     except yaml.YAMLError as err:
         raise UserError(f"{source}: YAML syntax error: {' '.join(str(err).split())}") from None
+    except RecursionError:  # nesting deeper than the parser's recursion allows
+        raise UserError(f"{source}: YAML syntax error: nested too deeply") from None
+
+
+_parse_yaml = parse_yaml
 
 
 def _parse_override(override: str) -> tuple[list[str], Any]:
@@ -304,10 +456,12 @@ def _parse_override(override: str) -> tuple[list[str], Any]:
     if any(not p for p in parts):
         raise UserError(f"--set {override}: empty name in {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else None
     except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or "invalid YAML value"
+        problem = " ".join((getattr(err, "problem", None) or "invalid YAML value").split())
         raise UserError(f"--set {override}: cannot parse value {raw!r}: {problem}") from None
+    except RecursionError:
+        raise UserError(f"--set {override}: cannot parse value: nested too deeply") from None
     return parts, value
 
 

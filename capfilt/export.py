@@ -44,9 +44,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 
-from capfilt.errors import UserError
+from capfilt.config import parse_yaml
+from capfilt.errors import UserError, user_os_error
+from capfilt.guards import inside, validate_key, validate_member
 from capfilt.stages.status import Status
 from capfilt.stages.write import DATASET_DIR, SAMPLES_DIR
 
@@ -99,10 +100,8 @@ class RunView:
         path = self.pipeline_dir / "config.yaml"
         if not path.is_file():
             return {}
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise UserError(f"{path}: not valid YAML ({err})") from None
+        # The strict config loader: a config.yaml edited into an alias bomb is one line, not a hang.
+        data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
         return data if isinstance(data, dict) else {}
 
     def config_text(self) -> str:
@@ -225,7 +224,7 @@ class TarImages:
         self._by_key: dict[str, str] = {}
 
     def _open(self, tar_name: str) -> None:
-        path = Path(tar_name) if Path(tar_name).is_absolute() else self.root / tar_name
+        path = inside(self.root, tar_name, what="image_tar")  # a tampered name must not leave the run
         if path == self._path:
             return
         self.close()
@@ -245,7 +244,7 @@ class TarImages:
         }
 
     def read(self, tar_name: str, member: str) -> bytes:
-        """Bytes of ``member`` in ``tar_name`` (relative to the run directory, or absolute)."""
+        """Bytes of ``member`` in ``tar_name`` (relative to the run directory, inside it)."""
         self._open(tar_name)
         info = self._members.get(member)
         if info is None or self._tar is None:
@@ -321,9 +320,11 @@ def iter_pairs(view: RunView) -> Iterator[Pair]:
             for batch in table.select(columns).to_batches(max_chunksize=PARQUET_ROW_GROUP):
                 for row in batch.to_pylist():
                     key = row["key"]
+                    validate_key(key, where=str(path))  # keys become file and member names below
                     index = counts.get(key, 0)
                     counts[key] = index + 1
                     member = row.get("image_member") or f"{key}.jpg"
+                    validate_member(member, where=str(path))
                     image = row.get("image")
                     if image is None:
                         image = images.read(row["image_tar"], member)
@@ -471,6 +472,11 @@ def _commit(final: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         os.replace(tmp, final)
+    except OSError as err:
+        user = user_os_error(err, final)
+        if user is None:
+            raise
+        raise user from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -539,6 +545,8 @@ class _ShardedWriter:
         """Drop the shard in progress (after an error), leaving only committed shards."""
         try:
             self._end()
+        except Exception:  # noqa: BLE001, S110 - the shard is discarded; the first error is reported
+            pass
         finally:
             if self._shard >= 0 and self._tmp().exists():
                 self._tmp().unlink()
@@ -625,7 +633,7 @@ class _JsonlWriter(_ShardedWriter):
         assert self._handle is not None
         rel = f"images/{self._shard:05d}/{pair.key}.{pair.ext}"
         if rel not in self._copied:
-            target = self.out_dir / rel
+            target = inside(self.out_dir, rel, what="--out")  # never outside the export directory
             _commit(target, lambda tmp: tmp.write_bytes(pair.image))
             self._copied.add(rel)
             self.images += 1
@@ -699,8 +707,11 @@ def export(
             by_source[pair.source] = by_source.get(pair.source, 0) + 1
             images += pair.index == 0
         writer.close()
-    except BaseException:
+    except BaseException as err:
         writer.abort()
+        user = user_os_error(err, out) if isinstance(err, OSError) else None
+        if user is not None:
+            raise user from None
         raise
 
     stats = collect_stats(view)

@@ -48,6 +48,7 @@ import yaml
 from capfilt import __version__, rundir
 from capfilt.config import PipelineConfig, dump
 from capfilt.errors import UserError
+from capfilt.guards import check_models
 from capfilt.rundir import RunDir, dumps_json
 from capfilt.stages import write as writer
 from capfilt.stages.caption import is_hub_id, model_specs, pixel_column, resolve_model
@@ -597,6 +598,7 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | str | None:
     if dry_run:
         print(plan.describe())
         return None
+    check_models(cfg)  # corrupt checkpoints and max_length: one line before Ray starts
 
     started = _now()
     t0 = time.perf_counter()

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from capfilt.errors import UserError
+from capfilt.errors import UserError, user_os_error
 
 SAMPLES_DIR = "samples"
 IMAGES_DIR = "images"
@@ -131,7 +131,8 @@ def fsync_dir(directory: str | Path) -> None:
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Any:
     """Write a local file atomically: ``write(stream)`` into ``.NAME.tmp``, fsync, rename, fsync dir.
 
-    Returns what ``write`` returned. On any failure the temporary file is removed.
+    Returns what ``write`` returned. On any failure the temporary file is removed; a full or
+    read-only disk (or missing permissions) becomes a one-line UserError naming ``path``.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -142,9 +143,12 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Any:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        user = user_os_error(err, final) if isinstance(err, OSError) else None
+        if user is not None:
+            raise user from None
         raise
     fsync_dir(final.parent)
     return result
@@ -209,8 +213,14 @@ class RunDir:
         parent = path.rsplit("/", 1)[0]
         with contextlib.suppress(OSError):
             self.fs.makedirs(parent, exist_ok=True)
-        with self.fs.open(path, "wb") as stream:
-            return write(stream)
+        try:
+            with self.fs.open(path, "wb") as stream:
+                return write(stream)
+        except OSError as err:
+            user = user_os_error(err, path)
+            if user is not None:
+                raise user from None
+            raise
 
     def write_text(self, name: str, text: str) -> None:
         self.write_atomic(self.path(name), lambda stream: stream.write(text.encode("utf-8")))

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from capfilt.config import dump, load_model
+from capfilt.config import _Section, dump, load_model
 from capfilt.errors import UserError
 from model.data import AugmentConfig, DataConfig, Source, SourceSpec, build_loader, load_source
 from model.losses import alpha_ramp
@@ -42,12 +42,6 @@ KINDS: dict[str, tuple[str, ...]] = {
     "captioner": ("lm",),
     "filter": ("itc", "itm"),
 }
-
-
-class _Section(BaseModel):
-    """Unknown keys are errors (a typo must not silently train with a default)."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True, coerce_numbers_to_str=True)
 
 
 class ModelSection(_Section):

@@ -60,6 +60,7 @@ from model.med import (
     MED,
     CheckpointError,
     MEDConfig,
+    inspect_checkpoint,
     load_pickle_weights,
     load_tokenizer_if_present,
 )
@@ -461,6 +462,7 @@ def load_any(path: str | Path, *, allow_pickle: bool = False) -> tuple[MED, Any]
         return MED.load(directory, allow_pickle=allow_pickle)
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory}: neither {CONFIG_NAME} (capfilt) nor config.json (Hugging Face)")
+    inspect_checkpoint(directory)  # config.json is JSON, safetensors header intact: one-line errors
     arch = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("architectures") or [None]
     if arch[0] == CAPTIONER_ARCH:
         return import_hf(captioner=directory, allow_pickle=allow_pickle)

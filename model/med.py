@@ -1022,12 +1022,16 @@ class MED(nn.Module):
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise CheckpointError(f"{directory}: no {CONFIG_NAME}; not a capfilt MED checkpoint")
-        med = cls(MEDConfig.from_json(config_path))
+        med = cls(read_med_config(config_path))
         weights = directory / WEIGHTS_NAME
         if weights.is_file():
             from safetensors.torch import load_model
 
-            missing, unexpected = load_model(med, str(weights), strict=False)
+            check_safetensors(weights)
+            try:
+                missing, unexpected = load_model(med, str(weights), strict=False)
+            except Exception as err:  # safetensors' own error class, or torch's shape mismatch
+                raise CheckpointError(f"{weights}: cannot load weights ({_first_line(err)})") from None
             if missing or unexpected:
                 raise CheckpointError(
                     f"{weights}: keys do not match the config; missing {sorted(missing)[:10]}, "
@@ -1037,6 +1041,94 @@ class MED(nn.Module):
             state = load_pickle_weights(directory, allow_pickle=allow_pickle)
             med.load_state_dict(state, strict=True)
         return med, load_tokenizer_if_present(directory)
+
+
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split("\n", 1)[0].split()) or type(err).__name__
+    return text[:300]
+
+
+def read_med_config(path: Path) -> MEDConfig:
+    """``med_config.json`` as a MEDConfig; unreadable, invalid JSON or bad fields -> CheckpointError."""
+    try:
+        return MEDConfig.from_json(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: not a valid {CONFIG_NAME} ({_first_line(err)})") from None
+
+
+MAX_SAFETENSORS_HEADER = 100_000_000
+"""safetensors' own limit on the JSON header size."""
+
+
+def check_safetensors(path: Path) -> None:
+    """Cheap integrity check of a safetensors file: header readable, data exactly as long as it says.
+
+    Reads the 8-byte header length and the JSON header only, so a truncated download or a
+    garbage file is a one-line CheckpointError before any tensor is allocated.
+    """
+
+    def bad(reason: str) -> CheckpointError:
+        return CheckpointError(f"{path}: truncated or not a safetensors file ({reason})")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise bad(f"{size} bytes")
+            length = int.from_bytes(prefix, "little")
+            if length > min(size - 8, MAX_SAFETENSORS_HEADER):
+                raise bad(f"header length {length} does not fit a {size}-byte file")
+            header = json.loads(f.read(length).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise bad(f"header is not JSON: {_first_line(err)}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise bad(f"tensor {name!r} has no valid data_offsets")
+        end = max(end, offsets[1])
+    if 8 + length + end != size:
+        raise bad(f"tensors need {8 + length + end} bytes, the file has {size}")
+
+
+def inspect_checkpoint(directory: Path) -> int:
+    """Check a capfilt or HF BLIP checkpoint without loading it; returns its text positions.
+
+    Reads ``med_config.json`` (capfilt) or ``config.json`` (Hugging Face) and the header of
+    ``model.safetensors`` when present. Raises CheckpointError (one line) on any problem.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: checkpoint directory not found")
+    if (directory / CONFIG_NAME).is_file():
+        positions = read_med_config(directory / CONFIG_NAME).max_position_embeddings
+    elif (directory / "config.json").is_file():
+        path = directory / "config.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path}: not valid JSON ({_first_line(err)})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: not a JSON object")
+        text = data.get("text_config") or {}
+        positions = text.get("max_position_embeddings", 512) if isinstance(text, dict) else None
+        if not isinstance(positions, int) or isinstance(positions, bool) or positions < 1:
+            raise CheckpointError(f"{path}: text_config.max_position_embeddings is not a positive integer")
+    else:
+        raise CheckpointError(f"{directory}: neither {CONFIG_NAME} (capfilt) nor config.json (Hugging Face)")
+    if (directory / WEIGHTS_NAME).is_file():
+        check_safetensors(directory / WEIGHTS_NAME)
+    return positions
 
 
 def load_pickle_weights(directory: Path, *, allow_pickle: bool) -> dict[str, Tensor]:

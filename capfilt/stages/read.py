@@ -18,7 +18,10 @@ Normalisation every reader applies, so later stages can rely on it:
 * ``web_text`` is cut to :data:`MAX_TEXT_CHARS` characters (Unicode code points): web
   alt-texts occasionally hold whole pages, and no captioning model reads that far.
 * Invalid UTF-8 in the URL or text column of a CSV/TSV file is replaced by U+FFFD
-  rather than failing the run.
+  rather than failing the run. In JSONL and Parquet files, whose string types promise
+  UTF-8, it is an error naming the file, column and row (:func:`capfilt.guards.check_utf8`).
+* Keys are checked by :func:`capfilt.guards.validate_keys` (no control characters either),
+  and webdataset member names by :class:`capfilt.guards.SampleNames`.
 
 Problems with the input itself (missing path, missing column, unreadable file,
 duplicate keys) raise :class:`capfilt.errors.UserError` naming the path or column.
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ import pyarrow.parquet as pq
 
 from capfilt.config import InputConfig
 from capfilt.errors import UserError
+from capfilt.guards import SampleNames, check_utf8, validate_keys
 from capfilt.rundir import ROW_COLUMN, SHARD_COLUMN, is_local, url_to_fs
 
 #: Web texts longer than this many characters are truncated (see the module docstring).
@@ -60,7 +63,6 @@ SUFFIXES: dict[str, tuple[str, ...]] = {
 }
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-_BAD_KEY_CHARS = re.compile(r"[/\\.\s]")
 
 
 def make_key(file_index: int, row_index: int) -> str:
@@ -178,12 +180,7 @@ def _checked_keys(column: pa.ChunkedArray, name: str, file: str) -> pa.ChunkedAr
         row = column.to_pylist().index(None)
         raise UserError(f"input.key_col: column {name!r} is null in row {row} of {file}")
     keys = _as_text(column, name="input.key_col", file=file)
-    for row, key in enumerate(keys.to_pylist()):
-        if not key or _BAD_KEY_CHARS.search(key):
-            raise UserError(
-                f"input.key_col: key {key!r} in row {row} of {file} is empty or contains '/', '\\', '.' "
-                "or whitespace (keys name files in the output tars)"
-            )
+    validate_keys(keys.to_pylist(), field="input.key_col", file=file)
     return keys
 
 
@@ -252,6 +249,7 @@ def read_file(file: str, file_index: int, cfg: InputConfig) -> pa.Table:
         raise UserError(
             f"input.path: cannot read {file} as {cfg.format}: {' '.join(str(err).split())[:300]}"
         ) from None
+    check_utf8(raw, file)  # JSONL/Parquet strings that are not UTF-8: one line naming column and row
     table = _table_columns(raw, cfg, file=file, file_index=file_index)
     if cfg.key_col is not None:
         _check_unique(table["key"], file)
@@ -306,6 +304,7 @@ def _tar_samples(stream: Any, file: str) -> Iterator[tuple[str, dict[str, bytes]
     """(key, {extension: bytes}) per sample, in tar order; a sample's files are adjacent."""
     current: str | None = None
     parts: dict[str, bytes] = {}
+    names = SampleNames(file)
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
@@ -314,7 +313,8 @@ def _tar_samples(stream: Any, file: str) -> Iterator[tuple[str, dict[str, bytes]
                 name = PurePosixPath(member.name).name
                 if name.startswith(".") or "." not in name:
                     continue
-                key, extension = name.split(".", 1)
+                extension = name.split(".", 1)[1]
+                key = names.key_of(member.name)  # a/x.jpg + b/x.jpg: an error naming both
                 data = tar.extractfile(member)
                 payload = data.read() if data is not None else b""
                 if key != current:
@@ -362,13 +362,8 @@ def read_webdataset_shard(file: str, shard_index: int, cfg: InputConfig) -> pa.T
             rows["image"].append(image)
             for name in cfg.keep_cols:
                 extra[name].append(meta.get(name))
+    validate_keys(rows["key"], field=_wds_key_field(cfg), file=file, unit="sample")
     keys = pa.array(rows["key"], pa.string())
-    for row, key in enumerate(rows["key"]):
-        if not key or _BAD_KEY_CHARS.search(key):
-            raise UserError(
-                f"{_wds_key_field(cfg)}: key {key!r} of sample {row} in {file} is empty or contains "
-                "'/', '\\', '.' or whitespace"
-            )
     table = pa.table(
         {
             "key": keys,

@@ -51,6 +51,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from capfilt.errors import UserError
+from capfilt.guards import inside
 from capfilt.rundir import (  # noqa: F401 - re-exported: export, report and bootstrap import them from here
     DATASET_DIR,
     IMAGES_DIR,
@@ -426,7 +427,7 @@ def read_dataset(run_dir: Path, *, with_images: bool = False) -> pa.Table | None
         table.column("image_tar").to_pylist(), table.column("image_member").to_pylist(), strict=True
     ):
         if tar_name not in cache:
-            with tarfile.open(run_dir / tar_name) as tar:
+            with tarfile.open(inside(run_dir, tar_name, what="image_tar")) as tar:
                 cache = {
                     tar_name: {
                         m.name: tar.extractfile(m).read()  # type: ignore[union-attr]
