@@ -83,6 +83,24 @@ class InputConfig(_Section):
         default=None,
         description="Input column used as the sample key; None = '<file index>_<row index>'.",
     )
+    where: str | None = Field(
+        default=None,
+        description="Row filter on input metadata before download, e.g. 'punsafe < 0.5 and WIDTH >= 256'; "
+        "rows it rejects get status filtered_metadata (capfilt/stages/where.py).",
+    )
+    limit: int | None = Field(
+        default=None, ge=1, description="Only the first N input rows (in file and row order): a trial slice."
+    )
+
+    @field_validator("where")
+    @classmethod
+    def _where_parses(cls, text: str | None) -> str | None:
+        if text is None or not text.strip():
+            return None
+        from capfilt.stages.where import parse_where  # light: pyarrow.compute only
+
+        parse_where(text)  # syntax and operators; columns are checked against the input's schema
+        return text
 
     @field_validator("keep_cols")
     @classmethod
@@ -102,7 +120,9 @@ class DownloadConfig(_Section):
     """Download and resize settings; names follow img2dataset's options of the same meaning."""
 
     image_size: int = Field(default=384, ge=1)
-    resize_mode: Literal["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"] = "border"
+    # keep_ratio: the smaller side becomes image_size, nothing is cut or padded, so the stored image
+    # stays useful for training (random crops); the models squash it to their own input side.
+    resize_mode: Literal["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"] = "keep_ratio"
     timeout_s: float = Field(default=10.0, gt=0)
     retries: int = Field(default=1, ge=0, description="Extra attempts after a transient failure.")
     max_bytes: int = Field(default=20_000_000, ge=1, description="Bodies larger than this are too_large.")
@@ -160,8 +180,14 @@ class DownloadConfig(_Section):
 class _ModelStage(_Section):
     """Fields shared by the two model stages: which model(s) and how Ray should run them."""
 
-    model: str | None = Field(default=None, description="HF id, local HF BLIP dir or capfilt checkpoint.")
+    model: str | None = Field(
+        default=None, description="HF id (org/name[@revision]), local HF BLIP dir or capfilt checkpoint."
+    )
     models: list[str] = Field(default_factory=list, description="Several models for an ensemble.")
+    revision: str | None = Field(
+        default=None,
+        description="Hub revision (branch, tag, commit, refs/pr/N) of `model`; same as model: org/name@revision.",
+    )
     batch_size: int = Field(default=64, ge=1)
     dtype: Dtype = "auto"
     num_gpus: float = Field(default=0, ge=0, description="GPUs per model replica (fractions allowed).")
@@ -175,12 +201,19 @@ class _ModelStage(_Section):
             raise ValueError("give either model or models, not both")
         if any(not m for m in self.models) or self.model == "":
             raise ValueError("model names must not be empty")
+        if self.revision is not None:
+            if self.model is None:
+                raise ValueError("revision applies to model; pin ensemble members as org/name@revision")
+            if "@" in self.model:
+                raise ValueError("give the revision either as model: org/name@revision or as revision, not both")
         return self
 
     @property
     def model_ids(self) -> list[str]:
-        """The model(s) to load, whichever of ``model``/``models`` was given."""
-        return [self.model] if self.model is not None else list(self.models)
+        """The model(s) to load, whichever of ``model``/``models`` was given (``@revision`` appended)."""
+        if self.model is not None:
+            return [f"{self.model}@{self.revision}" if self.revision else self.model]
+        return list(self.models)
 
 
 class CaptionConfig(_ModelStage):
@@ -193,10 +226,12 @@ class CaptionConfig(_ModelStage):
     num_captions: int = Field(default=1, ge=1)
     top_p: float = Field(default=0.9, gt=0, le=1)
     max_length: int = Field(default=30, ge=1)
-    min_length: int = Field(default=5, ge=0)
+    # BLIP's generate() in sampling mode: top_p 0.9, max_length 30, min_length 10 and a hard-coded
+    # repetition penalty of 1.1 (salesforce/BLIP models/blip.py); both lengths count [DEC] + prompt.
+    min_length: int = Field(default=10, ge=0)
     prompt: str = "a picture of "
     seed: int = Field(default=0, ge=0)
-    repetition_penalty: float = Field(default=1.0, gt=0)
+    repetition_penalty: float = Field(default=1.1, gt=0)
     sample: bool = Field(default=True, description="True: nucleus sampling; False: beam search.")
     num_beams: int = Field(default=3, ge=1, description="Used when sample is false.")
 

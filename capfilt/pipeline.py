@@ -154,6 +154,14 @@ def make_plan(cfg: PipelineConfig) -> Plan:
     )
     stages = [
         StagePlan(name="read", kind="driver", note="whole input read on the driver, rows sharded"),
+    ]
+    # issue 10: input.where (checked against a local input's schema; never over the network here).
+    if cfg.input.where:
+        from capfilt.stages.where import check_where_against_schema
+
+        check_where_against_schema(cfg.input)
+        stages.append(StagePlan(name="where", kind="tasks", num_cpus=cpus["select"], note=cfg.input.where))
+    stages += [
         StagePlan(
             name="download",
             kind="tasks",
@@ -255,8 +263,12 @@ def _now() -> str:
 
 def _read_input(cfg: PipelineConfig) -> pa.Table:
     from capfilt.stages.read import read_table
+    from capfilt.stages.where import apply_limit, check_where_against_schema, read_config
 
-    return read_table(cfg.input.path, cfg.input)
+    # issue 10: the columns input.where reads travel with the rows (read_config adds them to
+    # keep_cols; the where step drops them again), and input.limit keeps the first N rows.
+    check_where_against_schema(cfg.input, network=True)
+    return apply_limit(read_table(cfg.input.path, read_config(cfg.input)), cfg.input.limit)
 
 
 def _user_error_in(err: BaseException) -> BaseException | None:
@@ -404,6 +416,16 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, table: pa.Table) -> Any:
     block = download.batch_size or 1
     blocks = [table.slice(start, block) for start in range(0, table.num_rows, block)]
     ds = ray.data.from_arrow(blocks)
+    if "where" in stages:  # issue 10: rows input.where rejects get status filtered_metadata
+        from capfilt.stages.where import apply_where
+
+        ds = ds.map_batches(
+            apply_where,
+            fn_kwargs={"cfg": cfg.input},
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=stages["where"].num_cpus,
+        )
     ds = ds.map_batches(
         _download_batch,
         fn_kwargs={"cfg": cfg.download},
