@@ -384,7 +384,11 @@ def compile_where(
                 raise WhereError(
                     f"{describe(node.operand)} ({column_kind}) is compared with {kinds.pop()} values"
                 )
-            test = value(node.operand).isin([v.value for v in node.values])
+            operand = value(node.operand)
+            # SQL: a null is in no list and in every "not in" list: unknown, so the row fails.
+            test = pc.if_else(
+                operand.is_null(), pa.scalar(None, pa.bool_()), operand.isin([v.value for v in node.values])
+            )
             return ~test if node.negated else test
         # A bare operand: must be a boolean column (or literal).
         kind = kind_of(node)
