@@ -235,8 +235,13 @@ def load_state_dict(directory: str | Path, *, allow_pickle: bool = False) -> dic
         return _load_bin(directory / BIN_WEIGHTS, full_pickle=full_pickle)
     if (directory / BIN_INDEX).is_file():
         return _load_sharded(directory, BIN_INDEX, lambda path: _load_bin(path, full_pickle=full_pickle))
+    others = sorted(p for p in directory.iterdir() if p.suffix in (".pt", ".pth", ".bin"))
+    if others and not allow_pickle:
+        raise CheckpointError(
+            f"{directory}: only pickle weights ({', '.join(p.name for p in others)}); unpickling them can run "
+            "arbitrary code, so they need `capfilt model import --allow-pickle`"
+        )
     if allow_pickle:
-        others = sorted(p for p in directory.iterdir() if p.suffix in (".pt", ".pth"))
         if len(others) == 1:
             return _load_bin(others[0], full_pickle=True)
         if others:
