@@ -205,7 +205,9 @@ class _ModelStage(_Section):
             if self.model is None:
                 raise ValueError("revision applies to model; pin ensemble members as org/name@revision")
             if "@" in self.model:
-                raise ValueError("give the revision either as model: org/name@revision or as revision, not both")
+                raise ValueError(
+                    "give the revision either as model: org/name@revision or as revision, not both"
+                )
         return self
 
     @property

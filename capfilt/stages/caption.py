@@ -83,7 +83,9 @@ def resolve_model(spec: str) -> Path:
     if not is_hub_id(spec):
         base, at, _ = spec.rpartition("@")
         if at and Path(base).expanduser().exists():
-            raise UserError(f"model {spec}: a revision (@...) only applies to hub ids; {base} is a local path")
+            raise UserError(
+                f"model {spec}: a revision (@...) only applies to hub ids; {base} is a local path"
+            )
         raise UserError(f"model {spec}: no such directory (and not a Hugging Face hub id org/name)")
     # issue 10: revision pin + whichever weight format the repo has (was: *.safetensors only).
     from model.hf import download_from_hub, split_revision

@@ -20,7 +20,6 @@ from model import hf
 from model.hf import hub_files_to_fetch, load_any, load_state_dict, split_revision
 from model.med import CheckpointError
 
-
 FILTER_PARTS = ("vision_model.", "text_encoder.", "vision_proj.", "text_proj.", "itm_head.")
 
 
