@@ -239,8 +239,8 @@ def _capfilt_config(url_file: Path, out_dir: Path, captioner: Path, filt: Path, 
     return PipelineConfig.model_validate(
         {
             "input": {"path": str(url_file), "key_col": "key"},
-            # border and repetition_penalty 1.0: what the naive loop does (and the defaults the
-            # recorded figures were measured with; the defaults are now keep_ratio and 1.1).
+            # repetition_penalty 1.0 as the naive loop's generate(); border as when the recorded
+            # figures were measured (the defaults are now 1.1 and keep_ratio).
             "download": {"image_size": settings.size, "threads": settings.download_threads, "retries": 0,
                          "resize_mode": "border"},
             "caption": {
