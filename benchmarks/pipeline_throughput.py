@@ -239,9 +239,13 @@ def _capfilt_config(url_file: Path, out_dir: Path, captioner: Path, filt: Path, 
     return PipelineConfig.model_validate(
         {
             "input": {"path": str(url_file), "key_col": "key"},
-            "download": {"image_size": settings.size, "threads": settings.download_threads, "retries": 0},
+            # repetition_penalty 1.0 as the naive loop's generate(); border as when the recorded
+            # figures were measured (the defaults are now 1.1 and keep_ratio).
+            "download": {"image_size": settings.size, "threads": settings.download_threads, "retries": 0,
+                         "resize_mode": "border"},
             "caption": {
                 "model": str(captioner), "num_captions": settings.num_captions, "top_p": settings.top_p,
+                "repetition_penalty": 1.0,
                 "max_length": settings.max_length, "min_length": settings.min_length, "prompt": PROMPT,
                 "seed": settings.seed, "batch_size": settings.caption_batch,
             },

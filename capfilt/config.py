@@ -151,6 +151,24 @@ class InputConfig(_Section):
         default=None,
         description="Input column used as the sample key; None = '<file index>_<row index>'.",
     )
+    where: str | None = Field(
+        default=None,
+        description="Row filter on input metadata before download, e.g. 'punsafe < 0.5 and WIDTH >= 256'; "
+        "rows it rejects get status filtered_metadata (capfilt/stages/where.py).",
+    )
+    limit: int | None = Field(
+        default=None, ge=1, description="Only the first N input rows (in file and row order): a trial slice."
+    )
+
+    @field_validator("where")
+    @classmethod
+    def _where_parses(cls, text: str | None) -> str | None:
+        if text is None or not text.strip():
+            return None
+        from capfilt.stages.where import parse_where  # light: pyarrow.compute only
+
+        parse_where(text)  # syntax and operators; columns are checked against the input's schema
+        return text
 
     @field_validator("path")
     @classmethod
@@ -179,7 +197,9 @@ class DownloadConfig(_Section):
     """Download and resize settings; names follow img2dataset's options of the same meaning."""
 
     image_size: ImageSide = 384
-    resize_mode: Literal["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"] = "border"
+    # keep_ratio: the smaller side becomes image_size, nothing is cut or padded, so the stored image
+    # stays useful for training (random crops); the models squash it to their own input side.
+    resize_mode: Literal["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"] = "keep_ratio"
     timeout_s: Seconds = 10.0
     retries: Retries = Field(default=1, description="Extra attempts after a transient failure.")
     max_bytes: PositiveInt = Field(default=20_000_000, description="Bodies larger than this are too_large.")
@@ -237,8 +257,14 @@ class DownloadConfig(_Section):
 class _ModelStage(_Section):
     """Fields shared by the two model stages: which model(s) and how Ray should run them."""
 
-    model: str | None = Field(default=None, description="HF id, local HF BLIP dir or capfilt checkpoint.")
+    model: str | None = Field(
+        default=None, description="HF id (org/name[@revision]), local HF BLIP dir or capfilt checkpoint."
+    )
     models: list[str] = Field(default_factory=list, description="Several models for an ensemble.")
+    revision: str | None = Field(
+        default=None,
+        description="Hub revision (branch, tag, commit, refs/pr/N) of `model`; same as model: org/name@revision.",
+    )
     batch_size: PositiveInt = 64
     dtype: Dtype = "auto"
     num_gpus: NonNegativeFloat = Field(default=0, description="GPUs per model replica (fractions allowed).")
@@ -252,12 +278,21 @@ class _ModelStage(_Section):
             raise ValueError("give either model or models, not both")
         if any(not m for m in self.models) or self.model == "":
             raise ValueError("model names must not be empty")
+        if self.revision is not None:
+            if self.model is None:
+                raise ValueError("revision applies to model; pin ensemble members as org/name@revision")
+            if "@" in self.model:
+                raise ValueError(
+                    "give the revision either as model: org/name@revision or as revision, not both"
+                )
         return self
 
     @property
     def model_ids(self) -> list[str]:
-        """The model(s) to load, whichever of ``model``/``models`` was given."""
-        return [self.model] if self.model is not None else list(self.models)
+        """The model(s) to load, whichever of ``model``/``models`` was given (``@revision`` appended)."""
+        if self.model is not None:
+            return [f"{self.model}@{self.revision}" if self.revision else self.model]
+        return list(self.models)
 
 
 class CaptionConfig(_ModelStage):
@@ -270,10 +305,12 @@ class CaptionConfig(_ModelStage):
     num_captions: PositiveInt = 1
     top_p: Annotated[float, Field(gt=0, le=1)] = 0.9
     max_length: PositiveInt = Field(default=30, description="At most the model's text positions.")
-    min_length: NonNegativeInt = 5
+    # BLIP's generate() in sampling mode: top_p 0.9, max_length 30, min_length 10 and a hard-coded
+    # repetition penalty of 1.1 (salesforce/BLIP models/blip.py); both lengths count [DEC] + prompt.
+    min_length: NonNegativeInt = 10
     prompt: str = "a picture of "
     seed: NonNegativeInt = 0
-    repetition_penalty: PositiveFloat = 1.0
+    repetition_penalty: PositiveFloat = 1.1
     sample: bool = Field(default=True, description="True: nucleus sampling; False: beam search.")
     num_beams: PositiveInt = Field(default=3, description="Used when sample is false.")
 

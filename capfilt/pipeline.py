@@ -186,8 +186,17 @@ def make_plan(cfg: PipelineConfig) -> Plan:
             kind="tasks",
             num_cpus=cpus["read"],
             note=f"one task per file or {read_unit_rows()}+ rows of Parquet row groups; "
-            f"the driver lists files and counts rows ({counted})",
+            f"the driver lists files and counts rows ({counted})"
+            + (f"; first {cfg.input.limit} rows" if cfg.input.limit else ""),
         ),
+    ]
+    # input.where (checked against a local input's schema; never over the network here).
+    if cfg.input.where:
+        from capfilt.stages.where import check_where_against_schema
+
+        check_where_against_schema(cfg.input)
+        stages.append(StagePlan(name="where", kind="tasks", num_cpus=cpus["select"], note=cfg.input.where))
+    stages += [
         StagePlan(
             name="download",
             kind="tasks",
@@ -306,6 +315,14 @@ def read_unit_rows() -> int:
     from capfilt.stages.read import UNIT_ROWS
 
     return UNIT_ROWS
+
+
+def _limited(inputs: Any, limit: int | None) -> Any:
+    """``input.limit``: only units holding rows below ``limit`` (their read tasks drop the rest)."""
+    if limit is None:
+        return inputs
+    units = [dataclasses.replace(u, row_limit=limit) for u in inputs.units if u.first_row < limit]
+    return dataclasses.replace(inputs, units=units)
 
 
 def _user_error_in(err: BaseException) -> BaseException | None:
@@ -503,12 +520,14 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDi
     """
     import ray
 
+    from capfilt.stages.where import read_config  # the columns input.where reads travel with the rows
+
     stages = {s.name: s for s in plan.stages}
     items = [{"unit": json.dumps(dataclasses.asdict(u))} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(
         _read_batch,
-        fn_kwargs={"cfg": cfg.input, "rows_per_shard": cfg.output.rows_per_shard},
+        fn_kwargs={"cfg": read_config(cfg.input), "rows_per_shard": cfg.output.rows_per_shard},
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=stages["read"].num_cpus,
@@ -517,6 +536,16 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDi
     # A read task returns a whole file or row-group range as one block; cut it (streaming, no
     # shuffle) into download-batch blocks so that the download tasks run in parallel.
     ds = ds.repartition(target_num_rows_per_block=download.batch_size or 1)
+    if "where" in stages:  # rows input.where rejects get status filtered_metadata
+        from capfilt.stages.where import apply_where
+
+        ds = ds.map_batches(
+            apply_where,
+            fn_kwargs={"cfg": cfg.input},
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=stages["where"].num_cpus,
+        )
     ds = ds.map_batches(
         _download_batch,
         fn_kwargs={"cfg": cfg.download},
@@ -593,6 +622,7 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | str | None:
     directory is a Path for a local ``output.dir``, else its URL.
     """
     from capfilt.stages.read import plan_input
+    from capfilt.stages.where import check_where_against_schema
 
     plan = make_plan(cfg)
     if dry_run:
@@ -619,7 +649,9 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | str | None:
             started_ray = _init_ray(cfg.ray.address)
             cpus = {s.name: s.num_cpus for s in plan.stages}["read"] or 1.0
             count = _count_in_tasks(cfg, cpus)
+        check_where_against_schema(cfg.input, network=True)
         inputs = plan_input(cfg.input, rows_per_shard=cfg.output.rows_per_shard, done=done, count=count)
+        inputs = _limited(inputs, cfg.input.limit)
         if done:  # verified resume: the input is the same, and every committed shard is whole
             started_ray = _init_ray(cfg.ray.address) or started_ray
             bad = _verify_committed(cfg, plan, run_dir, inputs, done)
@@ -628,8 +660,8 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | str | None:
                 rundir.remove_shard(run_dir, shard)
             if bad:
                 done = done - set(bad)
-                inputs = inputs.with_done(done, cfg.output.rows_per_shard)
-        input_rows = inputs.total_rows
+                inputs = _limited(inputs.with_done(done, cfg.output.rows_per_shard), cfg.input.limit)
+        input_rows = min(inputs.total_rows, cfg.input.limit or inputs.total_rows)
         expected = shard_sizes(input_rows, cfg.output.rows_per_shard, done)
         todo_rows = sum(expected.values())
         total_shards = math.ceil(input_rows / cfg.output.rows_per_shard) if input_rows else 0
@@ -770,7 +802,7 @@ def _verify_committed(
         verify.remote(run, items[i : i + VERIFY_SHARDS_PER_TASK])
         for i in range(0, len(items), VERIFY_SHARDS_PER_TASK)
     ]
-    units = [u for u in inputs.with_done(done, rps, keep_done=True).units if u.skip_shards]
+    units = [u for u in _limited(inputs.with_done(done, rps, keep_done=True), cfg.input.limit).units if u.skip_shards]
     partials = [fingerprint.remote(unit, cfg.input, rps) for unit in units]
     try:
         results = [r for chunk in ray.get(checks) for r in chunk]

@@ -61,7 +61,6 @@ from model.med import (
     CheckpointError,
     MEDConfig,
     inspect_checkpoint,
-    load_pickle_weights,
     load_tokenizer_if_present,
 )
 
@@ -98,12 +97,18 @@ def config_from_hf(blip_config: Any) -> MEDConfig:
     text, vision = blip_config.text_config, blip_config.vision_config
     for part, cfg in (("text_config", text), ("vision_config", vision)):
         if _get(cfg, "hidden_act") != "gelu":
-            raise CheckpointError(f"{part}.hidden_act {_get(cfg, 'hidden_act')!r} is not supported (only gelu)")
+            raise CheckpointError(
+                f"{part}.hidden_act {_get(cfg, 'hidden_act')!r} is not supported (only gelu)"
+            )
     if not getattr(blip_config, "tie_word_embeddings", True):
-        raise CheckpointError("tie_word_embeddings=False is not supported: MED ties the LM head to the embeddings")
+        raise CheckpointError(
+            "tie_word_embeddings=False is not supported: MED ties the LM head to the embeddings"
+        )
     image_size, patch_size = _get(vision, "image_size"), _get(vision, "patch_size")
     if not isinstance(image_size, int) or not isinstance(patch_size, int):
-        raise CheckpointError(f"vision_config image_size/patch_size must be ints, got {image_size}/{patch_size}")
+        raise CheckpointError(
+            f"vision_config image_size/patch_size must be ints, got {image_size}/{patch_size}"
+        )
     bos = _get(text, "bos_token_id")
     return MEDConfig(
         image_size=image_size,
@@ -190,25 +195,112 @@ class ImportReport:
 
 
 def read_hf_dir(directory: str | Path, *, allow_pickle: bool = False) -> tuple[Any, dict[str, Tensor]]:
-    """(BlipConfig, state dict) of an HF BLIP checkpoint directory, safetensors unless allowed."""
-    from safetensors.torch import load_file
+    """(BlipConfig, state dict) of an HF BLIP checkpoint directory (any layout of :func:`load_state_dict`)."""
     from transformers import BlipConfig
 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory}: no config.json; not a Hugging Face checkpoint directory")
     config = BlipConfig.from_pretrained(str(directory))
-    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
-    if single.is_file():
-        state = load_file(str(single))
-    elif index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            state.update(load_file(str(directory / shard)))
-    else:
-        state = load_pickle_weights(directory, allow_pickle=allow_pickle)
-    return config, state
+    return config, load_state_dict(directory, allow_pickle=allow_pickle)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights in any Hugging Face layout
+# --------------------------------------------------------------------------------------------
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def load_state_dict(directory: str | Path, *, allow_pickle: bool = False) -> dict[str, Tensor]:
+    """The state dict of a Hugging Face-format checkpoint directory, whatever its layout.
+
+    Looked for in this order (the first present wins, as ``from_pretrained`` does):
+    ``model.safetensors``; ``model.safetensors.index.json`` and its shards;
+    ``pytorch_model.bin``; ``pytorch_model.bin.index.json`` and its shards. ``.bin`` files are
+    read with ``torch.load(weights_only=True)``: tensors and plain containers only, never
+    arbitrary objects, so they are as safe to open as safetensors. ``allow_pickle`` (only
+    ``capfilt model import --allow-pickle`` sets it) switches to full unpickling, which can run
+    code, and also accepts a single ``.pt``/``.pth`` file of any name (BLIP's own releases).
+    """
+    directory = Path(directory)
+    if (directory / SAFE_WEIGHTS).is_file():
+        return _load_safetensors(directory / SAFE_WEIGHTS)
+    if (directory / SAFE_INDEX).is_file():
+        return _load_sharded(directory, SAFE_INDEX, _load_safetensors)
+    full_pickle = allow_pickle
+    if (directory / BIN_WEIGHTS).is_file():
+        return _load_bin(directory / BIN_WEIGHTS, full_pickle=full_pickle)
+    if (directory / BIN_INDEX).is_file():
+        return _load_sharded(directory, BIN_INDEX, lambda path: _load_bin(path, full_pickle=full_pickle))
+    others = sorted(p for p in directory.iterdir() if p.suffix in (".pt", ".pth", ".bin"))
+    if others and not allow_pickle:
+        raise CheckpointError(
+            f"{directory}: only pickle weights ({', '.join(p.name for p in others)}); unpickling them can run "
+            "arbitrary code, so they need `capfilt model import --allow-pickle`"
+        )
+    if allow_pickle:
+        if len(others) == 1:
+            return _load_bin(others[0], full_pickle=True)
+        if others:
+            raise CheckpointError(
+                f"{directory}: several pickle weight files ({[p.name for p in others]}); keep one"
+            )
+    raise CheckpointError(
+        f"{directory}: no weights ({SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX})"
+    )
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _load_bin(path: Path, *, full_pickle: bool) -> dict[str, Tensor]:
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=not full_pickle)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: holds more than tensors, so weights_only loading refuses it "
+            f"({' '.join(str(err).split())[:200]}); if you trust the file, convert it with "
+            "`capfilt model import --allow-pickle`"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(
+            f"{path}: cannot read as a torch checkpoint: {' '.join(str(err).split())[:200]}"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # BLIP's .pth files wrap the state dict
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict (name -> tensor)")
+    return state
+
+
+def _load_sharded(directory: Path, index_name: str, load: Any) -> dict[str, Tensor]:
+    """Every shard named by an ``*.index.json`` weight map, merged; each key from its own shard."""
+    index_path = directory / index_name
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{index_path}: not a weight index ({type(err).__name__}: {err})") from None
+    state: dict[str, Tensor] = {}
+    for shard in shards:
+        if not isinstance(shard, str) or Path(shard).name != shard:
+            raise CheckpointError(f"{index_path}: shard {shard!r} is not a file name in {directory}")
+        if not (directory / shard).is_file():
+            raise CheckpointError(f"{index_path}: shard {shard} is missing")
+        state.update(load(directory / shard))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise CheckpointError(f"{index_path}: keys listed but not in their shards: {', '.join(missing[:10])}")
+    return state
 
 
 def _architecture(config: Any) -> str | None:
@@ -260,17 +352,43 @@ def import_hf_with_report(
     config = config_from_hf(main_cfg)
     for side, path, cfg, _ in sides[:-1]:
         other = config_from_hf(cfg)
-        diffs = [k for k in ("vocab_size", "text_width", "text_layers", "text_heads", "text_intermediate",
-                             "vision_width", "bos_token_id", "sep_token_id", "pad_token_id")
-                 if getattr(other, k) != getattr(config, k)]
+        diffs = [
+            k
+            for k in (
+                "vocab_size",
+                "text_width",
+                "text_layers",
+                "text_heads",
+                "text_intermediate",
+                "vision_width",
+                "bos_token_id",
+                "sep_token_id",
+                "pad_token_id",
+            )
+            if getattr(other, k) != getattr(config, k)
+        ]
         if diffs:
-            raise CheckpointError(f"{path} ({side}) and {main_path} ({main_side}) differ in {', '.join(diffs)}")
+            raise CheckpointError(
+                f"{path} ({side}) and {main_path} ({main_side}) differ in {', '.join(diffs)}"
+            )
 
     side_file = main_path / CAPFILT_SIDE_FILE
     if side_file.is_file():  # a capfilt export: restore the exact MEDConfig
         saved = MEDConfig.from_dict(json.loads(side_file.read_text(encoding="utf-8"))["med_config"])
-        config = saved.replace(**{k: getattr(config, k) for k in (
-            "image_size", "patch_size", "vision_width", "vision_layers", "vocab_size", "text_width", "text_layers")})
+        config = saved.replace(
+            **{
+                k: getattr(config, k)
+                for k in (
+                    "image_size",
+                    "patch_size",
+                    "vision_width",
+                    "vision_layers",
+                    "vocab_size",
+                    "text_width",
+                    "text_layers",
+                )
+            }
+        )
     tokenizer = load_tokenizer_if_present(main_path)
     if tokenizer is None:
         for _, path, _, _ in sides:
@@ -289,8 +407,11 @@ def import_hf_with_report(
     med.copy_params_to_momentum()
     log.info(
         "imported HF BLIP (%s): %d weights loaded, %d copied, %d random, %d superseded",
-        ", ".join(side for side, *_ in sides), len(report.loaded), len(report.copied),
-        len(report.random), len(report.superseded),
+        ", ".join(side for side, *_ in sides),
+        len(report.loaded),
+        len(report.copied),
+        len(report.random),
+        len(report.superseded),
     )
     return med, tokenizer, report
 
@@ -306,7 +427,9 @@ def _config_with_tokenizer(config: MEDConfig, tokenizer: Any, where: Path) -> ME
                 f"{where}: tokenizer {name} {ids[name]} differs from the model config's {getattr(config, name)}"
             )
     if ids["vocab_size"] > config.vocab_size:
-        raise CheckpointError(f"{where}: tokenizer has {ids['vocab_size']} tokens, the model only {config.vocab_size}")
+        raise CheckpointError(
+            f"{where}: tokenizer has {ids['vocab_size']} tokens, the model only {config.vocab_size}"
+        )
     return config.replace(cls_token_id=ids["cls_token_id"], enc_token_id=ids["enc_token_id"])
 
 
@@ -338,8 +461,10 @@ def _load_weights(med: MED, sides: list[tuple[str, dict[str, Tensor]]]) -> Impor
             values[key] = value
             report.loaded[key] = f"{side}:{key}"
     if unused:
-        raise CheckpointError(f"checkpoint keys with no place in the MED: {', '.join(sorted(unused)[:20])}"
-                              + (f" (+{len(unused) - 20} more)" if len(unused) > 20 else ""))
+        raise CheckpointError(
+            f"checkpoint keys with no place in the MED: {', '.join(sorted(unused)[:20])}"
+            + (f" (+{len(unused) - 20} more)" if len(unused) > 20 else "")
+        )
 
     # Fallbacks: one side's self-attention stands in for the other's (both start from BERT in BLIP).
     for key in target:
@@ -365,8 +490,10 @@ def _load_weights(med: MED, sides: list[tuple[str, dict[str, Tensor]]]) -> Impor
             missing.append(key)
         filled[slot[key]] = key
     if missing:
-        raise CheckpointError(f"MED weights not provided by the checkpoint(s): {', '.join(sorted(missing)[:20])}"
-                              + (f" (+{len(missing) - 20} more)" if len(missing) > 20 else ""))
+        raise CheckpointError(
+            f"MED weights not provided by the checkpoint(s): {', '.join(sorted(missing)[:20])}"
+            + (f" (+{len(missing) - 20} more)" if len(missing) > 20 else "")
+        )
     with torch.no_grad():
         for key, value in values.items():
             target[key].copy_(value.to(target[key].dtype))
@@ -376,8 +503,15 @@ def _load_weights(med: MED, sides: list[tuple[str, dict[str, Tensor]]]) -> Impor
 def _is_pretrain_state(key: str) -> bool:
     """Momentum encoders, queues and temperature: not in HF checkpoints, set by MED itself."""
     return key.split(".")[0] in {
-        "vision_model_m", "text_encoder_m", "vision_proj_m", "text_proj_m",
-        "image_queue", "text_queue", "idx_queue", "queue_ptr", "temp",
+        "vision_model_m",
+        "text_encoder_m",
+        "vision_proj_m",
+        "text_proj_m",
+        "image_queue",
+        "text_queue",
+        "idx_queue",
+        "queue_ptr",
+        "temp",
     }
 
 
@@ -443,39 +577,112 @@ def export_filter(med: MED, tokenizer: Any, out_dir: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_SPEC = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w][\w./-]*))?$")
+"""A Hugging Face hub model: ``org/name``, optionally pinned as ``org/name@revision`` (a branch,
+tag, commit or ``refs/pr/N``)."""
+
+HUB_SMALL_FILES = (".json", ".txt", ".model")
+"""Top-level files fetched whatever they are: configs, tokenizer files (and capfilt's own)."""
 
 
-def load_any(path: str | Path, *, allow_pickle: bool = False) -> tuple[MED, Any]:
+def split_revision(spec: str) -> tuple[str, str | None]:
+    """``"org/name@rev"`` -> ``("org/name", "rev")``; ``"org/name"`` -> ``("org/name", None)``."""
+    match = HUB_SPEC.match(spec)
+    if match is None:
+        raise CheckpointError(f"{spec}: not a Hugging Face hub id (org/name or org/name@revision)")
+    return match["repo"], match["revision"]
+
+
+def hub_files_to_fetch(files: list[str]) -> list[str]:
+    """Which files of a hub repo a checkpoint needs: configs, tokenizer and ONE weight format.
+
+    Safetensors are preferred (single file, else the sharded index and its shards); otherwise
+    ``pytorch_model.bin`` (or its index and shards), which :func:`load_state_dict` reads with
+    ``weights_only``. Sub-folders (onnx/, ...) and other frameworks' weights (tf_model.h5,
+    flax) are never fetched.
+    """
+    top = [f for f in files if "/" not in f]
+    wanted = [f for f in top if f.endswith(HUB_SMALL_FILES)]
+    if SAFE_WEIGHTS in top:
+        weights = [SAFE_WEIGHTS]
+    elif SAFE_INDEX in top:
+        weights = [f for f in top if re.fullmatch(r"model-\d+-of-\d+\.safetensors", f)]
+    elif BIN_WEIGHTS in top:
+        weights = [BIN_WEIGHTS]
+    elif BIN_INDEX in top:
+        weights = [f for f in top if re.fullmatch(r"pytorch_model-\d+-of-\d+\.bin", f)]
+    else:
+        raise CheckpointError(
+            f"no weights ({SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}) among the repo's files: "
+            f"{', '.join(sorted(top)[:20])}"
+        )
+    return sorted(set(wanted + weights))
+
+
+def download_from_hub(repo_id: str, revision: str | None = None) -> Path:
+    """Download what :func:`hub_files_to_fetch` picks from ``repo_id`` at ``revision``; local dir.
+
+    Uses the Hugging Face cache (``HF_HOME``); when the hub cannot be listed (offline,
+    ``HF_HUB_OFFLINE=1``) a snapshot already in the cache is used.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        files = HfApi().list_repo_files(repo_id, revision=revision)
+    except Exception as exc:  # noqa: BLE001 - network, auth, missing repo or revision
+        try:
+            return Path(snapshot_download(repo_id=repo_id, revision=revision, local_files_only=True))
+        except Exception:  # noqa: BLE001 - nothing cached either: report the listing error
+            raise CheckpointError(
+                f"{where}: could not list the Hugging Face hub repo ({' '.join(str(exc).split())[:300]})"
+            ) from None
+    try:
+        names = hub_files_to_fetch(files)
+    except CheckpointError as err:
+        raise CheckpointError(f"{where}: {err}") from None
+    try:
+        return Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=names))
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(
+            f"{where}: could not download from the Hugging Face hub ({' '.join(str(exc).split())[:300]})"
+        ) from None
+
+
+def load_any(
+    path: str | Path, *, allow_pickle: bool = False, itm_use_enc_token: bool | None = None
+) -> tuple[MED, Any]:
     """A capfilt checkpoint dir (med_config.json) or an HF BLIP dir (config.json) -> (MED, tokenizer).
 
-    HF dirs are imported by their ``architectures``: captioner or retrieval (filter). A
-    Hugging Face hub id ("owner/name") that is not a local path is downloaded (safetensors,
-    configs and tokenizer files only; pickle files only with ``allow_pickle``).
+    HF dirs are imported by their ``architectures``: captioner or retrieval (filter), with
+    weights in any layout :func:`load_state_dict` reads. A Hugging Face hub id (``org/name``
+    or ``org/name@revision``) that is not a local path is downloaded (:func:`download_from_hub`).
+
+    ``itm_use_enc_token``: None keeps what a capfilt checkpoint or export recorded; for a
+    Hugging Face BLIP directory without ``capfilt.json`` it means True, BLIP's own ITM ([ENC]
+    at position 0, as salesforce/BLIP fine-tunes and evaluates its retrieval models, from
+    which the Salesforce hub checkpoints were converted). Pass False for HF's convention.
     """
     directory = Path(path)
-    if not directory.exists() and _HUB_ID.match(str(path)):
-        directory = _download(str(path), allow_pickle=allow_pickle)
+    if not directory.exists() and HUB_SPEC.match(str(path)):
+        directory = download_from_hub(*split_revision(str(path)))
     if not directory.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
     if (directory / CONFIG_NAME).is_file():
-        return MED.load(directory, allow_pickle=allow_pickle)
+        med, tokenizer = MED.load(directory, allow_pickle=allow_pickle)
+        if itm_use_enc_token is not None:
+            med.config = med.config.replace(itm_use_enc_token=itm_use_enc_token)
+        return med, tokenizer
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory}: neither {CONFIG_NAME} (capfilt) nor config.json (Hugging Face)")
     inspect_checkpoint(directory)  # config.json is JSON, safetensors header intact: one-line errors
     arch = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("architectures") or [None]
+    if itm_use_enc_token is None and not (directory / CAPFILT_SIDE_FILE).is_file():
+        itm_use_enc_token = True
     if arch[0] == CAPTIONER_ARCH:
-        return import_hf(captioner=directory, allow_pickle=allow_pickle)
+        return import_hf(captioner=directory, allow_pickle=allow_pickle, itm_use_enc_token=itm_use_enc_token)
     if arch[0] == FILTER_ARCH:
-        return import_hf(filter=directory, allow_pickle=allow_pickle)
-    raise CheckpointError(f"{directory}: architecture {arch[0]!r} is neither {CAPTIONER_ARCH} nor {FILTER_ARCH}")
-
-
-def _download(repo_id: str, *, allow_pickle: bool) -> Path:
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.txt"] + (["*.bin"] if allow_pickle else [])
-    try:
-        return Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns))
-    except Exception as exc:  # network, auth or missing repo: one clear line for the user
-        raise CheckpointError(f"{repo_id}: could not download from the Hugging Face hub ({exc})") from exc
+        return import_hf(filter=directory, allow_pickle=allow_pickle, itm_use_enc_token=itm_use_enc_token)
+    raise CheckpointError(
+        f"{directory}: architecture {arch[0]!r} is neither {CAPTIONER_ARCH} nor {FILTER_ARCH}"
+    )

@@ -47,7 +47,8 @@ BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 """Per-channel std of BLIP's image processor."""
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# issue 10: an optional "@revision" pins a branch, tag, commit or refs/pr/N (model.hf.HUB_SPEC).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9_][\w./-]*)?$")
 _MAX_ERROR = 500
 
 Batch = dict[str, np.ndarray]
@@ -57,31 +58,43 @@ Batch = dict[str, np.ndarray]
 
 
 def is_hub_id(spec: str) -> bool:
-    """Whether ``spec`` names a Hugging Face hub repo (``org/name``) rather than a local path.
+    """Whether ``spec`` names a Hugging Face hub repo (``org/name[@revision]``) rather than a local path.
 
-    A spec that exists on disk is always a path, whatever it looks like.
+    A spec that exists on disk is always a path, whatever it looks like (and ``path@rev`` of an
+    existing path is a mistake, not a hub id).
     """
-    return not Path(spec).expanduser().exists() and _HUB_ID.match(spec) is not None
+    if Path(spec).expanduser().exists() or _HUB_ID.match(spec) is None:
+        return False
+    base, at, _ = spec.partition("@")
+    return not (at and Path(base).expanduser().exists())
 
 
 def resolve_model(spec: str) -> Path:
     """Local directory of a model: the path itself, or a hub snapshot downloaded NOW.
 
     Only called when a model is actually loaded (never by dry runs or tests), so nothing is
-    fetched that the user did not ask for. Only safetensors weights and configs are fetched.
+    fetched that the user did not ask for. ``org/name@revision`` pins a revision; configs,
+    tokenizer files and one weight format (safetensors preferred, else pytorch_model.bin, read
+    with weights_only) are fetched: ``model.hf.download_from_hub``.
     """
     path = Path(spec).expanduser()
     if path.exists():
         return path
     if not is_hub_id(spec):
+        base, at, _ = spec.rpartition("@")
+        if at and Path(base).expanduser().exists():
+            raise UserError(
+                f"model {spec}: a revision (@...) only applies to hub ids; {base} is a local path"
+            )
         raise UserError(f"model {spec}: no such directory (and not a Hugging Face hub id org/name)")
-    try:
-        from huggingface_hub import snapshot_download
+    # issue 10: revision pin + whichever weight format the repo has (was: *.safetensors only).
+    from model.hf import download_from_hub, split_revision
+    from model.med import CheckpointError
 
-        local = snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.txt"])
-    except Exception as err:  # network, auth, missing repo: one line for the user
-        raise UserError(f"model {spec}: cannot download from the Hugging Face hub: {err}") from None
-    return Path(local)
+    try:
+        return download_from_hub(*split_revision(spec))
+    except CheckpointError as err:  # network, auth, missing repo or weights: one line for the user
+        raise UserError(f"model {spec}: {err}") from None
 
 
 def resolve_device(num_gpus: float, device: str | None = None) -> torch.device:

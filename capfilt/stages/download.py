@@ -397,6 +397,16 @@ class Downloader:
         original_heights = np.zeros(n, dtype=np.int32)
         digests: list[str] = [""] * n
 
+        # Rows whose status an earlier step already set (input.where: filtered_metadata) pass
+        # through untouched: never requested, their status and error kept.
+        preset = batch.get("status")
+        todo = [i for i in range(n) if preset is None or not preset[i]]
+        if preset is not None:
+            preset_errors = batch.get("error")
+            for i in set(range(n)) - set(todo):
+                statuses[i] = str(preset[i])
+                errors[i] = str(preset_errors[i]) if preset_errors is not None else ""
+
         def finish(index: int, fetched: _Fetched) -> None:
             encoded, width, height, status, error = self._resize(fetched)
             images[index], widths[index], heights[index] = encoded, width, height
@@ -408,12 +418,13 @@ class Downloader:
         window = 2 * self.cfg.threads
         with ThreadPoolExecutor(max_workers=self.cfg.threads, thread_name_prefix="capfilt-dl") as pool:
             pending: dict[Future[_Fetched], int] = {}
-            next_index = 0
-            while next_index < n or pending:
-                while next_index < n and len(pending) < window:
+            queue = iter(todo)
+            next_index = next(queue, None)
+            while next_index is not None or pending:
+                while next_index is not None and len(pending) < window:
                     image = images_in[next_index] if images_in is not None else None
                     pending[pool.submit(self._prepare, urls[next_index], image)] = next_index
-                    next_index += 1
+                    next_index = next(queue, None)
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     finish(pending.pop(future), future.result())

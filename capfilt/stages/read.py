@@ -435,6 +435,7 @@ class ReadUnit:
     first_row: int
     row_groups: tuple[int, ...] = ()
     skip_shards: tuple[int, ...] = ()
+    row_limit: int | None = None  # input.limit: rows with a global index at or above it are dropped
 
 
 @dataclass(frozen=True)
@@ -601,8 +602,13 @@ def read_unit(unit: ReadUnit, cfg: InputConfig, *, rows_per_shard: int) -> pa.Ta
     rows = np.arange(unit.first_row, unit.first_row + table.num_rows, dtype=np.int64)
     shards = rows // rows_per_shard
     table = table.append_column(ROW_COLUMN, pa.array(rows)).append_column(SHARD_COLUMN, pa.array(shards))
+    keep = np.ones(len(rows), dtype=bool)
     if unit.skip_shards:
-        table = table.filter(pa.array(~np.isin(shards, list(unit.skip_shards))))
+        keep &= ~np.isin(shards, list(unit.skip_shards))
+    if unit.row_limit is not None:
+        keep &= rows < unit.row_limit
+    if not keep.all():
+        table = table.filter(pa.array(keep))
     return table
 
 

@@ -27,6 +27,7 @@ class Status(StrEnum):
     """
 
     ok = "ok"
+    filtered_metadata = "filtered_metadata"
     invalid_url = "invalid_url"
     download_failed = "download_failed"
     opted_out = "opted_out"
@@ -44,6 +45,7 @@ class Status(StrEnum):
 
 _DESCRIPTIONS: dict[Status, str] = {
     Status.ok: "image downloaded, decoded and resized; the model stages that ran succeeded",
+    Status.filtered_metadata: "input.where rejected the row's metadata (or it was null); never downloaded",
     Status.invalid_url: "URL empty, null, unparsable or not http(s) (file://, ftp://, data: are refused)",
     Status.download_failed: "HTTP error status, timeout, redirect loop or too many redirects, network error",
     Status.opted_out: "the X-Robots-Tag response header carries a disallowed directive (noai, noimageai, ...)",

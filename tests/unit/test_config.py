@@ -51,7 +51,7 @@ def test_design_example_loads_with_documented_defaults(tmp_path):
     minimal = load(write(tmp_path, MINIMAL, "demo.yaml"))
     assert minimal.caption is None and minimal.filter is None  # download-only run
     assert minimal.output.dir == "runs/demo"  # named after the config file
-    assert minimal.download.image_size == 384 and minimal.download.resize_mode == "border"
+    assert minimal.download.image_size == 384 and minimal.download.resize_mode == "keep_ratio"
     assert minimal.download.disallowed_header_directives == ["noai", "noimageai", "noindex", "noimageindex"]
     assert minimal.input.key_col is None and minimal.ray.address is None
 

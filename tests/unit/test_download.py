@@ -65,7 +65,10 @@ def run(downloader: Downloader, urls: list[object], **columns: list[object]) -> 
 
 @pytest.fixture(scope="module")
 def downloader() -> Downloader:
-    cfg = DownloadConfig(image_size=SIZE, timeout_s=1, retries=1, max_bytes=200_000, threads=8)
+    # border: square outputs, which these tests check (the default is keep_ratio)
+    cfg = DownloadConfig(
+        image_size=SIZE, resize_mode="border", timeout_s=1, retries=1, max_bytes=200_000, threads=8
+    )
     return Downloader(cfg=cfg)
 
 

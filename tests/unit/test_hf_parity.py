@@ -261,11 +261,13 @@ def test_import_rejects_unknown_and_missing_keys(hf_dirs, tmp_path):
         import_hf(captioner=src)
 
 
-def test_pickle_only_hf_dir_needs_allow_pickle(hf_dirs, tmp_path):
+def test_pickle_weights_outside_the_hf_names_need_allow_pickle(hf_dirs, tmp_path):
+    """pytorch_model.bin loads with weights_only (tests/unit/test_hf_layouts.py); any other
+    .pt/.pth file (BLIP's own releases) is only unpickled with allow_pickle."""
     d = tmp_path / "pickled"
     d.mkdir()
     (d / "config.json").write_bytes((hf_dirs["filter"] / "config.json").read_bytes())
-    torch.save(load_file(hf_dirs["filter"] / "model.safetensors"), d / "pytorch_model.bin")
+    torch.save({"model": load_file(hf_dirs["filter"] / "model.safetensors")}, d / "model_base_retrieval.pth")
     with pytest.raises(CheckpointError, match="--allow-pickle"):
         load_any(d)
     med, tok = load_any(d, allow_pickle=True)
