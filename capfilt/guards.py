@@ -131,7 +131,7 @@ class SampleNames:
         return key
 
 
-def check_utf8(table: pa.Table, file: str) -> None:
+def check_utf8(table: pa.Table, file: str, *, row_offset: int = 0) -> None:
     """Raise UserError naming the column and row of the first invalid UTF-8 string in ``table``.
 
     Parquet ``string`` columns and JSON texts promise UTF-8; a file that breaks the promise
@@ -141,7 +141,7 @@ def check_utf8(table: pa.Table, file: str) -> None:
         column = table.column(name)
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
             continue
-        offset = 0
+        offset = row_offset
         for chunk in column.chunks:
             try:
                 chunk.validate(full=True)

@@ -325,6 +325,11 @@ def _limited(inputs: Any, limit: int | None) -> Any:
     return dataclasses.replace(inputs, units=units)
 
 
+def _user_message(err: BaseException) -> str:
+    """``err``'s own message, without what Ray Data appends to a failed task's error."""
+    return str(err).split("\nFailed to apply UDF transform", 1)[0].strip()
+
+
 def _user_error_in(err: BaseException) -> BaseException | None:
     """The user-facing error (UserError, CheckpointError) a Ray task or actor raised, if any.
 
@@ -486,7 +491,7 @@ def _count_in_tasks(cfg: PipelineConfig, cpus: float) -> Any:
         except Exception as err:
             user = _user_error_in(err)
             if user is not None:
-                raise UserError(str(user)) from None
+                raise UserError(_user_message(user)) from None
             raise
 
     return count
@@ -522,6 +527,9 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDi
 
     from capfilt.stages.where import read_config  # the columns input.where reads travel with the rows
 
+    # A stage's UserError (a bad key, invalid UTF-8, a checkpoint that does not load) reaches the
+    # driver as itself, not as Ray Data's UserCodeException, so it stays a one-line error.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     stages = {s.name: s for s in plan.stages}
     items = [{"unit": json.dumps(dataclasses.asdict(u))} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
@@ -815,7 +823,7 @@ def _verify_committed(
     except Exception as err:
         user = _user_error_in(err)
         if user is not None:
-            raise UserError(str(user)) from None
+            raise UserError(_user_message(user)) from None
         raise
     bad: dict[int, str] = {}
     for shard, reason, recorded in results:
@@ -908,7 +916,7 @@ def _execute(
     except Exception as err:
         user = _user_error_in(err)
         if user is not None:
-            raise UserError(str(user)) from None
+            raise UserError(_user_message(user)) from None
         raise
     finally:
         bar.close()

@@ -104,3 +104,15 @@ def http_server() -> Iterator[FixtureServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[str]:
+    """The test run's Ray session; yields its GCS address for subprocesses to join."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()

@@ -622,6 +622,7 @@ def _read_row_groups(unit: ReadUnit, cfg: InputConfig) -> pa.Table:
                 if name not in available:
                     raise _missing_column(_kind_of(name, cfg), name, unit.file, available)
             raw = parquet.read_row_groups(list(unit.row_groups), columns=list(dict.fromkeys(wanted)))
+            check_utf8(raw, unit.file, row_offset=unit.start)
     except UserError:
         raise
     except (OSError, pa.ArrowException) as err:

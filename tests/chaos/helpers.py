@@ -25,11 +25,19 @@ def cli(*args: object):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def one_line_error(result, *fragments: str) -> str:
-    """Assert exit code 2 and exactly one stderr line ``error: ...`` holding every fragment."""
+def one_line_error(result, *fragments: str, ray_logs: bool = False) -> str:
+    """Assert exit code 2 and exactly one stderr line ``error: ...`` holding every fragment.
+
+    ``ray_logs``: the error came from a Ray task (the read tasks check keys and UTF-8), and Ray
+    Data logs its failed task before capfilt's one line, which must be the last.
+    """
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}"
     lines = result.stderr.strip().splitlines()
+    if ray_logs:  # Ray's own log lines may come first; capfilt's part is one last line
+        errors = [line for line in lines if line.startswith("error: ")]
+        assert len(errors) == 1 and lines[-1] == errors[0], f"expected one last error line: {result.stderr!r}"
+        lines = errors
     assert len(lines) == 1, f"expected one line, got: {result.stderr!r}"
     line = lines[0]
     assert line.startswith("error: "), line

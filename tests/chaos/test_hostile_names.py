@@ -113,11 +113,15 @@ CONTROL_KEYS = {"NUL": "a\x00b", "ESC": "a\x1bb", "newline": "a\nb", "DEL": "a\x
 
 
 @pytest.mark.parametrize("name", list(CONTROL_KEYS))
-def test_control_character_key_col(tmp_path: Path, name: str, no_ray: None) -> None:
+@pytest.mark.integration
+def test_control_character_key_col(tmp_path: Path, name: str, ray_session: str) -> None:
+    """Keys are checked by the read tasks (the driver reads no rows): one line through Ray."""
     bad = CONTROL_KEYS[name]
     data = url_list(tmp_path / "urls.parquet", id=["k0", bad, "k2"])
     config = pipeline_yaml(tmp_path, f"{{path: {data}, key_col: id}}")
-    line = one_line_error(cli("run", config), "input.key_col: key", "in row 1 of", "contains")
+    line = one_line_error(
+        cli("run", config), "input.key_col: key", "in row 1 of", "contains", ray_logs=True
+    )
     assert bad not in line
 
 
@@ -134,7 +138,8 @@ def _meta(url: str, text: str) -> bytes:
     return json.dumps({"url": url, "caption": text}).encode()
 
 
-def test_control_character_webdataset_member(tmp_path: Path, no_ray: None) -> None:
+@pytest.mark.integration
+def test_control_character_webdataset_member(tmp_path: Path, ray_session: str) -> None:
     shard = _tar(
         tmp_path / "00000.tar",
         {
@@ -143,10 +148,13 @@ def test_control_character_webdataset_member(tmp_path: Path, no_ray: None) -> No
         },
     )
     config = pipeline_yaml(tmp_path, f"{{path: {shard}, format: webdataset}}")
-    one_line_error(cli("run", config), "key 'b\\x1bad' in sample 1", "control character U+001B")
+    one_line_error(
+        cli("run", config), "key 'b\\x1bad' in sample 1", "control character U+001B", ray_logs=True
+    )
 
 
-def test_duplicate_webdataset_names_across_directories(tmp_path: Path, no_ray: None) -> None:
+@pytest.mark.integration
+def test_duplicate_webdataset_names_across_directories(tmp_path: Path, ray_session: str) -> None:
     """`a/x.*` and `b/x.*` are two samples named x: an error naming both, not one merged sample."""
     shard = _tar(
         tmp_path / "00000.tar",
@@ -158,7 +166,7 @@ def test_duplicate_webdataset_names_across_directories(tmp_path: Path, no_ray: N
         },
     )
     config = pipeline_yaml(tmp_path, f"{{path: {shard}, format: webdataset}}")
-    one_line_error(cli("run", config), "'a/x.json'", "'b/x.json'", "same name 'x'")
+    one_line_error(cli("run", config), "'a/x.json'", "'b/x.json'", "same name 'x'", ray_logs=True)
 
 
 def test_validate_key_accepts_what_img2dataset_writes() -> None:

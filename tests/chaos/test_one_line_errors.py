@@ -176,7 +176,8 @@ def _invalid_utf8_parquet(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
-def test_invalid_utf8_input(tmp_path: Path, fmt: str, no_ray: None) -> None:
+@pytest.mark.integration
+def test_invalid_utf8_input(tmp_path: Path, fmt: str, ray_session: str) -> None:
     if fmt == "jsonl":
         data = tmp_path / "urls.jsonl"
         data.write_bytes(
@@ -186,7 +187,7 @@ def test_invalid_utf8_input(tmp_path: Path, fmt: str, no_ray: None) -> None:
     else:
         data = _invalid_utf8_parquet(tmp_path / "urls.parquet")
     config = pipeline_yaml(tmp_path, f"{{path: {data}, format: {fmt}}}")
-    one_line_error(cli("run", config), "not valid UTF-8", "'TEXT'", "row 1", data.name)
+    one_line_error(cli("run", config), "not valid UTF-8", "'TEXT'", "row 1", data.name, ray_logs=True)
 
 
 # --------------------------------------------------------------------------- checkpoints

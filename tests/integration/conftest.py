@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,18 +51,6 @@ def _calibrate_itm(med: torch.nn.Module, tokenizer: object) -> None:
         head.weight.mul_(scale)
         head.bias.zero_()
         head.bias[1] = -scale * float(u.median())
-
-
-@pytest.fixture(scope="session")
-def ray_session() -> Iterator[str]:
-    """The test run's Ray session; yields its GCS address for subprocesses to join."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
