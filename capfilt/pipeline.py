@@ -39,7 +39,7 @@ from capfilt.config import PipelineConfig, dump
 from capfilt.errors import UserError
 from capfilt.stages import write as writer
 from capfilt.stages.caption import is_hub_id, model_specs, pixel_column, resolve_model
-from capfilt.stages.select import select
+from capfilt.stages.select import select, selection_options
 
 DOWNLOAD_ROWS_PER_THREAD = 4
 """A download task takes ``threads * this`` rows: enough to keep its thread pool busy."""
@@ -148,7 +148,8 @@ def make_plan(cfg: PipelineConfig) -> Plan:
     if "://" not in path and not any(c in path for c in "*?[") and not Path(path).expanduser().exists():
         raise UserError(f"input.path: {path} does not exist")
     model_cfgs = [c for c in (cfg.caption, cfg.filter) if c is not None]
-    cpus = CPUS_GPU_RUN if any(c.num_gpus > 0 for c in model_cfgs) else CPUS_CPU_RUN
+    gpu_run = any(c.num_gpus > 0 for c in (*model_cfgs, cfg.clip) if c is not None)
+    cpus = CPUS_GPU_RUN if gpu_run else CPUS_CPU_RUN
     download_batch = max(
         1, min(cfg.download.threads * DOWNLOAD_ROWS_PER_THREAD, DOWNLOAD_MAX_BATCH, cfg.output.rows_per_shard)
     )
@@ -182,6 +183,10 @@ def make_plan(cfg: PipelineConfig) -> Plan:
     if cfg.filter is not None:
         f = cfg.filter
         stages.append(_model_stage("filter", f, cpus=cpus["model"], dtype_note=f"; threshold {f.threshold}"))
+    if cfg.clip is not None:
+        stages.append(
+            _model_stage("clip", cfg.clip, cpus=cpus["model"], dtype_note=f"; threshold {cfg.clip.threshold}")
+        )
     stages.append(StagePlan(name="select", kind="tasks", num_cpus=cpus["select"]))
     stages.append(StagePlan(name="write", kind="driver", note="commits each shard when all its rows arrived"))
     return Plan(
@@ -292,18 +297,20 @@ def finish_batch(
     keep_web: bool,
     keep_synthetic: int,
     drop: list[str],
+    **options: Any,
 ) -> pa.Table:
     """Select step: kept flags, then the model-only columns dropped; typed for the writer.
 
     Returned as an Arrow table with explicit list types so that a batch whose lists are all
     empty (every row failed) does not become ``list<null>``.
     """
-    out = select(batch, threshold=threshold, keep_web=keep_web, keep_synthetic=keep_synthetic)
+    out = select(batch, threshold=threshold, keep_web=keep_web, keep_synthetic=keep_synthetic, **options)
     typed = {
         "synthetic_texts": pa.list_(pa.string()),
         "synthetic_itm": pa.list_(pa.float64()),
         "synthetic_itc": pa.list_(pa.float64()),
         "synthetic_kept": pa.list_(pa.bool_()),
+        "synthetic_clip": pa.list_(pa.float64()),
         "status": pa.string(),
         "error": pa.string(),
         "image": pa.binary(),
@@ -442,15 +449,21 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, table: pa.Table) -> Any:
             num_cpus=s.num_cpus,
             num_gpus=s.num_gpus,
         )
-    f = cfg.filter
-    if f is not None:
-        selection = {"threshold": f.threshold, "keep_web": f.keep_web, "keep_synthetic": f.keep_synthetic}
-    else:  # captioner-only CapFilt: keep the web text and every synthetic caption
-        every = cfg.caption.num_captions * len(model_specs(cfg.caption)) if cfg.caption else 0
-        selection = {"threshold": None, "keep_web": True, "keep_synthetic": every}
+    if cfg.clip is not None:
+        from capfilt.stages.clip import ClipScorer
+
+        s = stages["clip"]
+        ds = ds.map_batches(
+            ClipScorer,
+            fn_constructor_kwargs={"cfg": cfg.clip},
+            compute=ray.data.ActorPoolStrategy(size=s.concurrency),
+            batch_size=s.batch_size,
+            num_cpus=s.num_cpus,
+            num_gpus=s.num_gpus,
+        )
     ds = ds.map_batches(
         finish_batch,
-        fn_kwargs={**selection, "drop": drop},
+        fn_kwargs={**selection_options(cfg), "drop": drop},
         batch_size=None,
         num_cpus=stages["select"].num_cpus,
     )
@@ -577,6 +590,7 @@ def build_manifest(
         "models": {
             "caption": model_specs(cfg.caption) if cfg.caption else [],
             "filter": model_specs(cfg.filter) if cfg.filter else [],
+            "clip": [cfg.clip.model] if cfg.clip else [],
         },
         "versions": _versions(),
         "started_at": started,
