@@ -189,6 +189,19 @@ def make_plan(cfg: PipelineConfig) -> Plan:
         )
     stages.append(StagePlan(name="select", kind="tasks", num_cpus=cpus["select"]))
     stages.append(StagePlan(name="write", kind="driver", note="commits each shard when all its rows arrived"))
+    if cfg.dedup.enabled:
+        d = cfg.dedup
+        kinds = [k for k, on in (("url", d.url), ("sha256", d.sha256)) if on]
+        if d.near_distance is not None:
+            kinds.append(f"phash distance <= {d.near_distance}")
+        stages.append(
+            StagePlan(
+                name="dedup",
+                kind="tasks",
+                note=f"after all shards: {', '.join(kinds) or 'nothing'}; groupby on the cluster, "
+                f"duplicates {'kept in' if d.keep_in_dataset else 'left out of'} dataset/",
+            )
+        )
     return Plan(
         input=path,
         input_format=cfg.input.format,
@@ -417,6 +430,10 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, table: pa.Table) -> Any:
         batch_size=download.batch_size,
         num_cpus=download.num_cpus,
     )
+    if cfg.dedup.enabled and cfg.dedup.near_distance is not None:
+        from capfilt.stages.dedup import add_phash
+
+        ds = ds.map_batches(add_phash, batch_size=download.batch_size, num_cpus=download.num_cpus)
     drop: list[str] = []
     if "preprocess" in stages:
         sizes = sorted({_image_size(spec) for c in (cfg.caption, cfg.filter) if c for spec in model_specs(c)})
@@ -503,10 +520,15 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | None:
 
     stage_stats: list[dict[str, Any]] = []
     written = 0
-    if todo.num_rows:
+    if todo.num_rows or cfg.dedup.enabled:
         started_ray = _init_ray(cfg.ray.address)
         try:
-            written, stage_stats = _execute(cfg, plan, run_dir, todo, expected)
+            if todo.num_rows:
+                written, stage_stats = _execute(cfg, plan, run_dir, todo, expected)
+            if cfg.dedup.enabled:  # after the shard loop: marks duplicates across all committed shards
+                from capfilt.stages.dedup import run_dedup
+
+                run_dedup(run_dir, cfg.dedup, image_ext=cfg.download.encode_format)
         finally:
             if started_ray:
                 import ray
