@@ -325,3 +325,25 @@ def save_tiny_clip(directory: Path, *, seed: int = 0) -> Path:
         directory
     )
     return directory
+
+
+def scene(seed: int, size: tuple[int, int] = (320, 240)):
+    """A photo-like picture (gradient, random shapes, noise), different per seed: dedup tests."""
+    import random
+
+    import numpy as np
+
+    rng = random.Random(seed)
+    x = np.linspace(0, 1, size[0])[None, :, None]
+    y = np.linspace(0, 1, size[1])[:, None, None]
+    channels = [rng.random() * 255 * x + rng.random() * 80 * y, rng.random() * 255 * y + 0 * x]
+    channels.append(rng.random() * 255 * (1 - x) + 0 * y)
+    image = Image.fromarray(np.concatenate(channels, axis=2).clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x0, y0 = rng.randrange(size[0]), rng.randrange(size[1])
+        box = (x0, y0, x0 + rng.randrange(30, 140), y0 + rng.randrange(30, 120))
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    noise = np.random.default_rng(seed).normal(0, 6, (size[1], size[0], 3))
+    return Image.fromarray((np.asarray(image, dtype=float) + noise).clip(0, 255).astype(np.uint8))

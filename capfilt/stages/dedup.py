@@ -53,6 +53,8 @@ HASH_SIDE = 32
 LOW_FREQ = 8
 """The LOW_FREQ x LOW_FREQ lowest DCT frequencies give the 64 bits."""
 STATE_FILE = "dedup.json"
+SHARDS_PER_PARTITION = 16
+MAX_PARTITIONS = 200
 DUPLICATE_COLUMN = "duplicate_of"
 
 
@@ -87,16 +89,19 @@ def hamming(a: str, b: str) -> int:
 
 
 def add_phash(batch: Mapping[str, np.ndarray]) -> Batch:
-    """Add ``phash`` (hex string; None for rows that are not ok or whose bytes do not decode)."""
+    """Add ``phash`` (hex string; "" for rows that are not ok or whose bytes do not decode).
+
+    "" rather than None, as for ``sha256``: Ray Data turns an all-None object column into floats.
+    """
     out = dict(batch)
-    values: list[str | None] = []
+    values: list[str] = []
     for status, image in zip(batch["status"], batch["image"], strict=True):
-        value = None
+        value = ""
         if str(status) == Status.ok and image is not None and len(image):
             try:
                 value = phash(bytes(image))
             except Exception:  # noqa: BLE001 - the caption/filter stages report undecodable images
-                value = None
+                value = ""
         values.append(value)
     out["phash"] = object_array(values)
     return out
@@ -147,7 +152,7 @@ def group_links(
         return [(first, k) for k in sorted(set(keys)) if k != first]
     reps: dict[str, str] = {}
     for key, value in zip(keys, hashes, strict=True):
-        if value is not None and (value not in reps or key < reps[value]):
+        if value and (value not in reps or key < reps[value]):
             reps[value] = key
     distinct = sorted(reps)
     if len(distinct) < 2:
@@ -221,7 +226,12 @@ def find_links(files: Sequence[Path], cfg: Any) -> list[tuple[str, str]]:
     ds = ray.data.read_parquet([str(f) for f in files], columns=columns)
     near = cfg.near_distance if "phash" in present else None
     ds = ds.map_batches(_tokens_batch, fn_kwargs={"url": cfg.url, "sha256": cfg.sha256, "near": near})
-    links = ds.groupby("token").map_groups(_links_group, fn_kwargs={"distance": near or 0})
+    # A partition per ~SHARDS_PER_PARTITION committed shards (Ray's default of 200 partitions
+    # is far too many for a small run and about right for a large one).
+    partitions = max(1, min(MAX_PARTITIONS, len(files) // SHARDS_PER_PARTITION))
+    links = ds.groupby("token", num_partitions=partitions).map_groups(
+        _links_group, fn_kwargs={"distance": near or 0}
+    )
     return sorted({(str(r["a"]), str(r["b"])) for r in links.iter_rows()})
 
 
@@ -254,7 +264,8 @@ def mark_shard(
     dataset = write.dataset_table(samples, shard=shard, image_ext=image_ext)
     if not keep_in_dataset:
         duplicates = {k for k in keys if k in marks}
-        dataset = dataset.filter(pa.array([k not in duplicates for k in dataset.column("key").to_pylist()]))
+        keep = [k not in duplicates for k in dataset.column("key").to_pylist()]
+        dataset = dataset.filter(pa.array(keep, type=pa.bool_()))
     _commit(lambda tmp: pq.write_table(dataset, tmp), write.dataset_path(run_dir, shard))
     _commit(lambda tmp: pq.write_table(samples, tmp), write.samples_path(run_dir, shard))
     return True

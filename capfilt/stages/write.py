@@ -74,7 +74,7 @@ OPTIONAL_SAMPLE_COLUMNS: dict[str, pa.DataType] = {
     "sha256": pa.string(),
     "web_clip": pa.float64(),
     "synthetic_clip": pa.list_(pa.float64()),
-    "phash": pa.uint64(),
+    "phash": pa.string(),  # 16 hex digits
     "duplicate_of": pa.string(),
 }
 """Columns copied into samples files when the stages produced them (ITC scores when
