@@ -36,6 +36,7 @@ import yaml
 
 from capfilt import __version__
 from capfilt.config import PipelineConfig, dump
+from capfilt.download_stats import download_stats, images_per_s
 from capfilt.errors import UserError
 from capfilt.stages import write as writer
 from capfilt.stages.caption import is_hub_id, model_specs, pixel_column, resolve_model
@@ -602,6 +603,9 @@ def build_manifest(
     between an interrupted-then-resumed run and an uninterrupted one.
     """
     counts = writer.summarize(run_dir)
+    download = download_stats(run_dir)
+    timing = {**timing, "images_per_s": images_per_s(download, float(timing.get("rows_per_s") or 0.0))}
+    dedup_state = run_dir / "dedup.json"
     return {
         "input_rows": input_rows,
         "rows": counts["rows"],
@@ -609,6 +613,8 @@ def build_manifest(
         "shards": {"total": total_shards, "committed": counts["shards"]},
         "status": counts["status"],
         "kept": counts["kept"],
+        "download": download,
+        "dedup": json.loads(dedup_state.read_text(encoding="utf-8")) if dedup_state.is_file() else None,
         "models": {
             "caption": model_specs(cfg.caption) if cfg.caption else [],
             "filter": model_specs(cfg.filter) if cfg.filter else [],
