@@ -86,6 +86,14 @@ def test_clip_scores_are_stored_for_every_text_of_every_ok_row(clip_run: Path) -
     manifest = json.loads((clip_run / "manifest.json").read_text())
     assert manifest["models"]["clip"] == [str(clip_run.parent / "clip")]
     assert sum(manifest["status"].values()) == 6
+    download = manifest["download"]
+    assert (
+        download["rows"] == 6 and download["downloaded"] == 5 and download["success_rate"] == round(5 / 6, 4)
+    )
+    assert download["domains"]["top"][0]["domain"] == "127.0.0.1"
+    assert download["domains"]["top"][0]["status"] == {"download_failed": 1, "ok": 5}
+    assert download["bytes"]["images"] == 5 and download["bytes"]["total"] > 0
+    assert manifest["timing"]["images_per_s"] > 0 and manifest["dedup"] is None
 
 
 def test_kept_texts_are_the_two_best_by_clip_among_those_passing_itm(clip_run: Path) -> None:
@@ -185,6 +193,7 @@ def test_duplicates_are_left_out_of_the_dataset(dedup_run: Path) -> None:
     assert kept_keys == sorted(r["key"] for r in rows if r["status"] == "ok" and r["duplicate_of"] is None)
     manifest = json.loads((dedup_run / "manifest.json").read_text())
     assert manifest["kept"]["web"] == len(kept_keys) == 5
+    assert manifest["dedup"]["duplicates"] == 4
 
 
 def test_dedup_resumes_after_a_crash_mid_pass_to_identical_files(dedup_run: Path, tmp_path: Path) -> None:
