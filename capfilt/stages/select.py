@@ -120,7 +120,7 @@ def keep_synthetic_texts(
 
 def keep_top_n(
     web_kept: bool, web_rank: float, synthetic_kept: list[bool], rank: Sequence[float], top_n: int
-):
+) -> tuple[bool, list[bool]]:
     """Cap a row's kept texts at ``top_n``, best ``rank`` first; ties: web text, then caption order."""
     candidates = ([(_rank_key(web_rank), -1)] if web_kept else []) + [
         (_rank_key(rank[j]), j) for j, kept in enumerate(synthetic_kept) if kept
