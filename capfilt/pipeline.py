@@ -521,14 +521,15 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | None:
 
     stage_stats: list[dict[str, Any]] = []
     written = 0
-    if todo.num_rows or cfg.dedup.enabled:
+    from capfilt.stages.dedup import dedup_done, run_dedup
+
+    dedup_todo = cfg.dedup.enabled and (todo.num_rows > 0 or not dedup_done(run_dir, cfg.dedup))
+    if todo.num_rows or dedup_todo:
         started_ray = _init_ray(cfg.ray.address)
         try:
             if todo.num_rows:
                 written, stage_stats = _execute(cfg, plan, run_dir, todo, expected)
-            if cfg.dedup.enabled:  # after the shard loop: marks duplicates across all committed shards
-                from capfilt.stages.dedup import run_dedup
-
+            if dedup_todo:  # after the shard loop: marks duplicates across all committed shards
                 run_dedup(run_dir, cfg.dedup, image_ext=cfg.download.encode_format)
         finally:
             if started_ray:

@@ -271,6 +271,27 @@ def mark_shard(
     return True
 
 
+def _finished_state(run_dir: Path, cfg: Any) -> dict[str, Any] | None:
+    """``dedup.json`` when it records a pass over the committed shards with this config, else None."""
+    from capfilt.stages import write
+
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text(encoding="utf-8"))
+    shards = sorted(write.committed_shards(run_dir))
+    return (
+        state
+        if state.get("config") == cfg.model_dump(mode="json") and state.get("shards") == shards
+        else None
+    )
+
+
+def dedup_done(run_dir: Path, cfg: Any) -> bool:
+    """Whether the dedup pass over the committed shards with this ``dedup`` config is finished."""
+    return _finished_state(run_dir, cfg) is not None
+
+
 def run_dedup(run_dir: Path, cfg: Any, *, image_ext: str = "jpg") -> dict[str, Any]:
     """Mark duplicates across every committed shard of ``run_dir`` (Ray must be initialised).
 
@@ -285,10 +306,9 @@ def run_dedup(run_dir: Path, cfg: Any, *, image_ext: str = "jpg") -> dict[str, A
     shards = sorted(write.committed_shards(run_dir))
     settings = cfg.model_dump(mode="json")
     state_path = run_dir / STATE_FILE
-    if state_path.is_file():
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-        if state.get("config") == settings and state.get("shards") == shards:
-            return {**state, "shards_rewritten": 0}
+    finished = _finished_state(run_dir, cfg)
+    if finished is not None:
+        return {**finished, "shards_rewritten": 0}
     files = [(s, write.samples_path(run_dir, s)) for s in shards]
     links = find_links([p for _, p in files], cfg) if files else []
     marks = duplicate_marks(links)

@@ -127,3 +127,22 @@ def test_mark_shard_marks_samples_drops_pairs_and_is_idempotent(tmp_path: Path) 
     samples = pq.read_table(write.samples_path(tmp_path, 0))
     assert samples.column("duplicate_of").to_pylist() == [None, None, "a"]
     assert pq.read_table(write.dataset_path(tmp_path, 0)).num_rows == 6
+
+
+def test_dedup_done_only_for_the_same_config_and_shards(tmp_path: Path) -> None:
+    import json
+
+    from capfilt.config import DedupConfig
+    from capfilt.stages.dedup import STATE_FILE, dedup_done
+
+    cfg = DedupConfig(enabled=True)
+    assert not dedup_done(tmp_path, cfg)
+    for shard in (0, 1):
+        write.samples_path(tmp_path, shard).parent.mkdir(parents=True, exist_ok=True)
+        write.samples_path(tmp_path, shard).write_bytes(b"")
+    state = {"config": cfg.model_dump(mode="json"), "shards": [0, 1], "duplicates": 0, "groups": 0}
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+    assert dedup_done(tmp_path, cfg)
+    assert not dedup_done(tmp_path, DedupConfig(enabled=True, near_distance=2))
+    write.samples_path(tmp_path, 2).write_bytes(b"")  # a resumed run committed another shard
+    assert not dedup_done(tmp_path, cfg)
