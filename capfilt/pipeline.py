@@ -2,9 +2,10 @@
 
 ::
 
-    read (driver) -> download (tasks, threads inside) -> preprocess (tasks)
-      -> caption (actor pool, GPUs) -> filter (actor pool, GPUs) -> select (tasks)
+    read (driver) -> download (tasks, threads inside) [-> phash (tasks), with dedup] -> preprocess (tasks)
+      -> caption (actor pool, GPUs) -> filter (actor pool, GPUs) [-> clip (actor pool, GPUs)] -> select (tasks)
       -> driver: ShardBuffer -> write_shard (images tar, dataset parquet, samples parquet)
+    [then, with dedup: run_dedup over every committed shard (Ray Data groupby + one task per shard)]
 
 This module is the ONLY place that decides how the stages run: tasks or actors, CPUs and
 GPUs per replica, replica counts and batch sizes (:func:`make_plan`). The stages themselves
