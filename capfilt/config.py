@@ -58,6 +58,10 @@ RESERVED_COLUMNS: frozenset[str] = frozenset(
         "synthetic_itc",
         "web_kept",
         "synthetic_kept",
+        "web_clip",
+        "synthetic_clip",
+        "phash",
+        "duplicate_of",
     }
 )
 
@@ -338,6 +342,69 @@ class FilterConfig(_ModelStage):
     )
 
 
+class ClipConfig(_Section):
+    """CLIP scoring (optional stage after the filter): cosine of each text with the image.
+
+    Any Hugging Face CLIP checkpoint (``transformers.CLIPModel`` with its image processor and
+    tokenizer): a local directory or a hub id. Scores go to ``web_clip`` / ``synthetic_clip``.
+    """
+
+    model: str = Field(min_length=1, description="HF CLIP id or local dir (safetensors weights).")
+    threshold: float | None = Field(
+        default=None, ge=-1, le=1, description="Keep a text only when its CLIP cosine >= this; null: no cut."
+    )
+    batch_size: int = Field(default=128, ge=1)
+    dtype: Dtype = "auto"
+    num_gpus: float = Field(default=0, ge=0, description="GPUs per CLIP replica (fractions allowed).")
+    concurrency: int = Field(default=1, ge=1, description="Number of CLIP replicas (Ray actors).")
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [self.model]
+
+
+class SelectConfig(_Section):
+    """How the kept texts of an image are chosen among those that pass the thresholds.
+
+    ``filter.threshold`` / ``clip.threshold`` decide which texts pass; ``filter.keep_web`` and
+    ``filter.keep_synthetic`` cap them as before. ``rank_by`` orders the synthetic captions for
+    ``keep_synthetic`` and all texts for ``top_n``. BLIP-2's recipe (rank the web text and the
+    K captions by CLIP, keep the best two) is ``rank_by: clip, top_n: 2`` with
+    ``filter.keep_synthetic >= K``.
+    """
+
+    rank_by: Literal["itm", "clip"] = Field(
+        default="itm", description="Score that ranks texts: the filter's ITM or the CLIP cosine."
+    )
+    top_n: int | None = Field(
+        default=None, ge=1, description="Keep at most this many texts per image, web text included."
+    )
+
+
+class DedupConfig(_Section):
+    """Duplicates across the whole run: same URL, same image bytes, or near-identical images.
+
+    Every sample of a duplicate group except the one with the smallest key gets
+    ``duplicate_of`` = that key; duplicates stay in ``samples/`` and, unless
+    ``keep_in_dataset``, are left out of ``dataset/``.
+    """
+
+    enabled: bool = Field(default=False, description="Run the dedup pass after the shards are written.")
+    url: bool = Field(default=True, description="Same URL = duplicate.")
+    sha256: bool = Field(
+        default=True, description="Same image bytes (after download re-encoding) = duplicate."
+    )
+    near_distance: int | None = Field(
+        default=4,
+        ge=0,
+        le=16,
+        description="Perceptual-hash Hamming distance (of 64 bits) up to which images are duplicates; null: off.",
+    )
+    keep_in_dataset: bool = Field(
+        default=False, description="Mark duplicates but keep their pairs in dataset/."
+    )
+
+
 class OutputConfig(_Section):
     """Where the run directory goes and how large its shards are."""
 
@@ -362,8 +429,17 @@ class PipelineConfig(_Section):
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     caption: CaptionConfig | None = None
     filter: FilterConfig | None = None
+    clip: ClipConfig | None = None
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _clip_for_clip_ranking(self) -> PipelineConfig:
+        if self.clip is None and self.select.rank_by == "clip":
+            raise ValueError("select.rank_by: clip needs a clip section (clip.model)")
+        return self
 
 
 # --------------------------------------------------------------------------- loading

@@ -3,12 +3,13 @@
 ::
 
     driver: list input files, row counts (Parquet footers; a counting task per text/tar file)
-    read (tasks, one per file or group of Parquet row groups)
-      -> download (tasks, threads inside) -> preprocess (tasks)
+    read (tasks, one per file or group of Parquet row groups) [-> where (tasks), with input.where]
+      -> download (tasks, threads inside) [-> phash (tasks), with dedup] -> preprocess (tasks)
       -> caption (actor pool, GPUs) -> filter (actor pool, GPUs; drops the pixel columns)
-      -> select (tasks) -> write parts (tasks: _parts/shard-N/part-*.parquet)
+      [-> clip (actor pool, GPUs)] -> select (tasks) -> write parts (tasks: _parts/shard-N/part-*.parquet)
     driver: per-part summaries (shard, rows, path) -> commit task per complete shard
       (worker: images tar, dataset parquet, samples parquet) -> manifest.json
+    [then, with dedup: run_dedup over every committed shard (Ray Data groupby + one task per shard)]
 
 This module is the ONLY place that decides how the stages run: tasks or actors, CPUs and
 GPUs per replica, replica counts and batch sizes (:func:`make_plan`). The stages themselves
@@ -47,12 +48,13 @@ import yaml
 
 from capfilt import __version__, rundir
 from capfilt.config import PipelineConfig, dump
+from capfilt.download_stats import download_stats, images_per_s
 from capfilt.errors import UserError
 from capfilt.guards import check_models
 from capfilt.rundir import RunDir, dumps_json
 from capfilt.stages import write as writer
 from capfilt.stages.caption import is_hub_id, model_specs, pixel_column, resolve_model
-from capfilt.stages.select import select
+from capfilt.stages.select import select, selection_options
 
 DOWNLOAD_ROWS_PER_THREAD = 4
 """A download task takes ``threads * this`` rows: enough to keep its thread pool busy."""
@@ -176,7 +178,8 @@ def make_plan(cfg: PipelineConfig) -> Plan:
             raise UserError(f"input.path: {entry} does not exist")
     counted = "Parquet footers" if cfg.input.format == "parquet" else "a counting task per file"
     model_cfgs = [c for c in (cfg.caption, cfg.filter) if c is not None]
-    cpus = CPUS_GPU_RUN if any(c.num_gpus > 0 for c in model_cfgs) else CPUS_CPU_RUN
+    gpu_run = any(c.num_gpus > 0 for c in (*model_cfgs, cfg.clip) if c is not None)
+    cpus = CPUS_GPU_RUN if gpu_run else CPUS_CPU_RUN
     download_batch = max(
         1, min(cfg.download.threads * DOWNLOAD_ROWS_PER_THREAD, DOWNLOAD_MAX_BATCH, cfg.output.rows_per_shard)
     )
@@ -225,6 +228,10 @@ def make_plan(cfg: PipelineConfig) -> Plan:
     if cfg.filter is not None:
         f = cfg.filter
         stages.append(_model_stage("filter", f, cpus=cpus["model"], dtype_note=f"; threshold {f.threshold}"))
+    if cfg.clip is not None:
+        stages.append(
+            _model_stage("clip", cfg.clip, cpus=cpus["model"], dtype_note=f"; threshold {cfg.clip.threshold}")
+        )
     stages.append(StagePlan(name="select", kind="tasks", num_cpus=cpus["select"]))
     stages.append(
         StagePlan(
@@ -242,6 +249,21 @@ def make_plan(cfg: PipelineConfig) -> Plan:
             note="one per complete shard: images tar, dataset, then samples parquet (the marker)",
         )
     )
+    if cfg.dedup.enabled:
+        if "://" in cfg.output.dir and not cfg.output.dir.startswith("file://"):
+            raise UserError("dedup.enabled: needs a local or shared output.dir for now (not an object-store URL)")
+        d = cfg.dedup
+        kinds = [k for k, on in (("url", d.url), ("sha256", d.sha256)) if on]
+        if d.near_distance is not None:
+            kinds.append(f"phash distance <= {d.near_distance}")
+        stages.append(
+            StagePlan(
+                name="dedup",
+                kind="tasks",
+                note=f"after all shards: {', '.join(kinds) or 'nothing'}; groupby on the cluster, "
+                f"duplicates {'kept in' if d.keep_in_dataset else 'left out of'} dataset/",
+            )
+        )
     return Plan(
         input=path if isinstance(path, str) else ", ".join(path),
         input_format=cfg.input.format,
@@ -363,18 +385,20 @@ def finish_batch(
     keep_web: bool,
     keep_synthetic: int,
     drop: list[str],
+    **options: Any,
 ) -> pa.Table:
     """Select step: kept flags, then the model-only columns dropped; typed for the writer.
 
     Returned as an Arrow table with explicit list types so that a batch whose lists are all
     empty (every row failed) does not become ``list<null>``.
     """
-    out = select(batch, threshold=threshold, keep_web=keep_web, keep_synthetic=keep_synthetic)
+    out = select(batch, threshold=threshold, keep_web=keep_web, keep_synthetic=keep_synthetic, **options)
     typed = {
         "synthetic_texts": pa.list_(pa.string()),
         "synthetic_itm": pa.list_(pa.float64()),
         "synthetic_itc": pa.list_(pa.float64()),
         "synthetic_kept": pa.list_(pa.bool_()),
+        "synthetic_clip": pa.list_(pa.float64()),
         "status": pa.string(),
         "error": pa.string(),
         "image": pa.binary(),
@@ -560,6 +584,10 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDi
         batch_size=download.batch_size,
         num_cpus=download.num_cpus,
     )
+    if cfg.dedup.enabled and cfg.dedup.near_distance is not None:
+        from capfilt.stages.dedup import add_phash
+
+        ds = ds.map_batches(add_phash, batch_size=download.batch_size, num_cpus=download.num_cpus)
     drop: list[str] = []
     if "preprocess" in stages:
         sizes = sorted({_image_size(spec) for c in (cfg.caption, cfg.filter) if c for spec in model_specs(c)})
@@ -594,15 +622,21 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDi
             num_cpus=s.num_cpus,
             num_gpus=s.num_gpus,
         )
-    f = cfg.filter
-    if f is not None:
-        selection = {"threshold": f.threshold, "keep_web": f.keep_web, "keep_synthetic": f.keep_synthetic}
-    else:  # captioner-only CapFilt: keep the web text and every synthetic caption
-        every = cfg.caption.num_captions * len(model_specs(cfg.caption)) if cfg.caption else 0
-        selection = {"threshold": None, "keep_web": True, "keep_synthetic": every}
+    if cfg.clip is not None:
+        from capfilt.stages.clip import ClipScorer
+
+        s = stages["clip"]
+        ds = ds.map_batches(
+            ClipScorer,
+            fn_constructor_kwargs={"cfg": cfg.clip},
+            compute=ray.data.ActorPoolStrategy(size=s.concurrency),
+            batch_size=s.batch_size,
+            num_cpus=s.num_cpus,
+            num_gpus=s.num_gpus,
+        )
     ds = ds.map_batches(
         finish_batch,
-        fn_kwargs={**selection, "drop": drop},
+        fn_kwargs={**selection_options(cfg), "drop": drop},
         batch_size=None,
         num_cpus=stages["select"].num_cpus,
     )
@@ -651,6 +685,7 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | str | None:
     started_ray = False
     stage_stats: list[dict[str, Any]] = []
     summaries: dict[int, dict[str, Any]] = {}
+    dedup_ran = False
     try:
         count = None
         if cfg.input.format != "parquet":  # no footers: count rows in tasks
@@ -681,6 +716,14 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | str | None:
         if expected:
             started_ray = _init_ray(cfg.ray.address) or started_ray
             summaries, stage_stats = _execute(cfg, plan, run_dir, inputs.units, expected)
+        if cfg.dedup.enabled:  # after the shard loop: marks duplicates across all committed shards
+            from capfilt.stages.dedup import dedup_done, run_dedup
+
+            local = Path(run_dir.root)
+            if expected or not dedup_done(local, cfg.dedup):
+                started_ray = _init_ray(cfg.ray.address) or started_ray
+                run_dedup(local, cfg.dedup, image_ext=cfg.download.encode_format)
+                dedup_ran = True
     finally:
         if started_ray:
             import ray
@@ -694,7 +737,7 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | str | None:
         input_rows=input_rows,
         total_shards=total_shards,
         started=started,
-        known=summaries,
+        known=None if dedup_ran else summaries,  # dedup rewrote shards: count them again
         timing={
             "wall_s": round(wall, 3),
             "rows_processed": int(todo_rows),
@@ -944,6 +987,12 @@ def build_manifest(
     interrupted-then-resumed run and an uninterrupted one.
     """
     counts = run_dir.summarize(known)
+    download = download_stats(Path(run_dir.root)) if run_dir.local else None
+    timing = {
+        **timing,
+        "images_per_s": images_per_s(download, float(timing.get("rows_per_s") or 0.0)) if download else None,
+    }
+    dedup_state = run_dir.read_text("dedup.json")
     return {
         "input_rows": input_rows,
         "rows": counts["rows"],
@@ -951,9 +1000,12 @@ def build_manifest(
         "shards": {"total": total_shards, "committed": counts["shards"]},
         "status": counts["status"],
         "kept": counts["kept"],
+        "download": download,
+        "dedup": json.loads(dedup_state) if dedup_state else None,
         "models": {
             "caption": model_specs(cfg.caption) if cfg.caption else [],
             "filter": model_specs(cfg.filter) if cfg.filter else [],
+            "clip": [cfg.clip.model] if cfg.clip else [],
         },
         "versions": _versions(),
         "started_at": started,

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from capfilt.download_stats import download_stats
 from capfilt.errors import UserError
 from capfilt.export import RunStats, RunView, ScoreHistogram, TarImages, collect_stats, resolve_run
 from capfilt.stages.status import Status
@@ -501,6 +502,53 @@ def _models_section(view: RunView) -> str:
     return "".join(parts)
 
 
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n:,.1f} TB"
+
+
+def download_section(view: RunView) -> str:
+    """Success rate, bytes, speed and the top domains with their statuses (capfilt.download_stats)."""
+    manifest = view.manifest()
+    stats = manifest.get("download") if isinstance(manifest.get("download"), dict) else None
+    if stats is None:
+        stats = download_stats(view.pipeline_dir)
+    if not stats.get("rows"):
+        return ""
+    timing = manifest.get("timing") if isinstance(manifest.get("timing"), dict) else {}
+    speed = timing.get("images_per_s")
+    tiles = "".join(
+        [
+            _tile(
+                f"{100 * stats['success_rate']:.1f}%",
+                f"downloaded ({stats['downloaded']:,} of {stats['rows']:,} rows)",
+            ),
+            _tile(_bytes(stats["bytes"]["total"]), f"{stats['bytes']['images']:,} images stored"),
+            _tile(_bytes(stats["bytes"]["mean"]), "mean stored image"),
+            _tile("n/a" if speed is None else f"{speed:g}", "downloaded images/s (last invocation)"),
+            _tile(f"{stats['domains']['count']:,}", "domains"),
+        ]
+    )
+    domains = stats["domains"]
+    head = "<tr><th>domain</th><th>rows</th><th>downloaded</th><th>success</th><th>statuses</th></tr>"
+    entries = list(domains["top"]) + ([domains["other"]] if domains["other"]["rows"] else [])
+    body = "".join(
+        f"<tr><td>{_e(d['domain'])}</td><td class='n'>{d['rows']:,}</td><td class='n'>{d['downloaded']:,}</td>"
+        f"<td class='n'>{100 * d['success_rate']:.1f}%</td><td>"
+        + ", ".join(f"{_e(k)} {v:,}" for k, v in sorted(d["status"].items(), key=lambda kv: -kv[1]))
+        + "</td></tr>"
+        for d in entries
+    )
+    return (
+        "<h2>Downloads</h2><p class='sub'>Rows whose image was downloaded and decoded, by domain of the URL "
+        f"(top {len(domains['top'])} by rows). Bytes are the images as stored after resizing.</p>"
+        f'<div class="tiles">{tiles}</div><p></p><table>{head}{body}</table>'
+    )
+
+
 def _grid_section(title: str, note: str, rows: list[dict[str, Any]], total: int) -> str:
     cards = "".join(_card(r) for r in rows) or "<p class='sub'>none</p>"
     return (
@@ -609,6 +657,7 @@ def render(view: RunView, *, samples_per_section: int = 48) -> str:
             removed_rows,
             scan.removed.seen,
         ),
+        download_section(view),
         _failed_section(scan.failed, stats),
         _models_section(view),
     ]

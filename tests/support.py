@@ -266,3 +266,84 @@ def make_bootstrap(root: Path, *, rounds: int = 2, unfinished: bool = True) -> l
     (root / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return infos
 
+
+# --------------------------------------------------------------------------- tiny CLIP
+
+CLIP_BOS, CLIP_EOS, CLIP_PAD, CLIP_UNK = "<|startoftext|>", "<|endoftext|>", "<|pad|>", "<|unk|>"
+
+
+def clip_tokenizer():
+    """A word-level CLIP-style tokenizer over WORDS, built with ``tokenizers`` and wrapped.
+
+    transformers 5's slow CLIP/BERT tokenizers built from vocab files map words to the unknown
+    token, so the backend is built directly: lowercase, whitespace split, ``<bos> text <eos>``.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate([CLIP_PAD, CLIP_UNK, CLIP_BOS, CLIP_EOS, *dict.fromkeys(WORDS)])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=CLIP_UNK))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{CLIP_BOS} $A {CLIP_EOS}",
+        special_tokens=[(CLIP_BOS, vocab[CLIP_BOS]), (CLIP_EOS, vocab[CLIP_EOS])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=CLIP_BOS,
+        eos_token=CLIP_EOS,
+        pad_token=CLIP_PAD,
+        unk_token=CLIP_UNK,
+        model_max_length=16,
+    )
+
+
+def save_tiny_clip(directory: Path, *, seed: int = 0) -> Path:
+    """A randomly initialised, very small ``CLIPModel`` (32 px, width 32) with tokenizer and processor."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = clip_tokenizer()
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 16, "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        },
+        vision_config={
+            "image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2,
+        },
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        directory
+    )
+    return directory
+
+
+def scene(seed: int, size: tuple[int, int] = (320, 240)):
+    """A photo-like picture (gradient, random shapes, noise), different per seed: dedup tests."""
+    import random
+
+    import numpy as np
+
+    rng = random.Random(seed)
+    x = np.linspace(0, 1, size[0])[None, :, None]
+    y = np.linspace(0, 1, size[1])[:, None, None]
+    channels = [rng.random() * 255 * x + rng.random() * 80 * y, rng.random() * 255 * y + 0 * x]
+    channels.append(rng.random() * 255 * (1 - x) + 0 * y)
+    image = Image.fromarray(np.concatenate(channels, axis=2).clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x0, y0 = rng.randrange(size[0]), rng.randrange(size[1])
+        box = (x0, y0, x0 + rng.randrange(30, 140), y0 + rng.randrange(30, 120))
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    noise = np.random.default_rng(seed).normal(0, 6, (size[1], size[0], 3))
+    return Image.fromarray((np.asarray(image, dtype=float) + noise).clip(0, 255).astype(np.uint8))

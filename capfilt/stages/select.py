@@ -20,6 +20,17 @@ The rule (BLIP's CapFilt: drop every text whose ITM match probability is below t
   (if ``keep_web``) and the first ``keep_synthetic`` captions are kept.
 
 A NaN score never passes a threshold: a text that was not scored is not kept.
+
+CLIP scores (``web_clip``, ``synthetic_clip``; :mod:`capfilt.stages.clip`) extend the rule:
+
+* ``clip_threshold`` (``clip.threshold``): a text must also have CLIP cosine >= it.
+* ``rank_by`` (``select.rank_by``): ``itm`` (default) or ``clip``, the score that orders the
+  passing synthetic captions for ``keep_synthetic`` (ties and NaNs: caption order, NaN last).
+* ``top_n`` (``select.top_n``): after the above, keep at most ``top_n`` texts of the row in
+  total, web text included, best ``rank_by`` score first (ties: the web text, then caption
+  order). BLIP-2's recipe is ``rank_by="clip", top_n=2`` with ``keep_synthetic >= K``.
+
+:func:`selection_options` maps a pipeline config to these arguments.
 """
 
 from __future__ import annotations
@@ -54,7 +65,7 @@ def has_text(value: Any) -> bool:
 
 
 def keep_web_text(*, ok: bool, text: Any, score: float, threshold: float | None, keep_web: bool) -> bool:
-    """The web-text half of the rule, for one row."""
+    """The web-text half of the ITM rule, for one row."""
     if not (ok and keep_web and has_text(text)):
         return False
     if threshold is None:
@@ -62,22 +73,74 @@ def keep_web_text(*, ok: bool, text: Any, score: float, threshold: float | None,
     return not math.isnan(score) and score >= threshold
 
 
+def _passes(score: float, threshold: float | None) -> bool:
+    return threshold is None or (not math.isnan(score) and score >= threshold)
+
+
+def _rank_key(score: float) -> float:
+    """Sort key for "best first": higher score first, a NaN (not scored) after every number."""
+    return math.inf if math.isnan(score) else -score
+
+
 def keep_synthetic_texts(
-    scores: Sequence[float], *, count: int, threshold: float | None, keep_synthetic: int
+    scores: Sequence[float],
+    *,
+    count: int,
+    threshold: float | None,
+    keep_synthetic: int,
+    clip: Sequence[float] | None = None,
+    clip_threshold: float | None = None,
+    rank: Sequence[float] | None = None,
 ) -> list[bool]:
     """The synthetic half of the rule for one row: a kept flag per caption.
 
     ``count`` is the number of captions (``scores`` may be empty when no filter ran).
+    ``rank`` (default: ``scores``) orders the passing captions; without a filter and without
+    ``rank`` the first ``keep_synthetic`` passing captions are kept (caption order).
     """
-    if threshold is None:
-        return [i < keep_synthetic for i in range(count)]
-    if len(scores) != count:
+    if threshold is not None and len(scores) != count:
         raise ValueError(f"{len(scores)} synthetic scores for {count} synthetic captions")
-    passing = [i for i, p in enumerate(scores) if not math.isnan(p) and p >= threshold]
-    # Stable sort by descending score: ties keep caption order.
-    best = sorted(passing, key=lambda i: -scores[i])[:keep_synthetic]
-    chosen = set(best)
+    if clip_threshold is not None and (clip is None or len(clip) != count):
+        raise ValueError(f"{0 if clip is None else len(clip)} CLIP scores for {count} synthetic captions")
+    passing = [
+        i
+        for i in range(count)
+        if _passes(scores[i] if threshold is not None else math.nan, threshold)
+        and _passes(clip[i] if clip is not None and clip_threshold is not None else math.nan, clip_threshold)
+    ]
+    order = rank if rank is not None else (scores if threshold is not None else None)
+    if order is not None:
+        if len(order) != count:
+            raise ValueError(f"{len(order)} ranking scores for {count} synthetic captions")
+        # Stable sort by descending score: ties (and unscored captions) keep caption order.
+        passing = sorted(passing, key=lambda i: _rank_key(order[i]))
+    chosen = set(passing[:keep_synthetic])
     return [i in chosen for i in range(count)]
+
+
+def keep_top_n(
+    web_kept: bool, web_rank: float, synthetic_kept: list[bool], rank: Sequence[float], top_n: int
+) -> tuple[bool, list[bool]]:
+    """Cap a row's kept texts at ``top_n``, best ``rank`` first; ties: web text, then caption order."""
+    candidates = ([(_rank_key(web_rank), -1)] if web_kept else []) + [
+        (_rank_key(rank[j]), j) for j, kept in enumerate(synthetic_kept) if kept
+    ]
+    best = {j for _, j in sorted(candidates)[:top_n]}
+    return -1 in best, [j in best for j in range(len(synthetic_kept))]
+
+
+def _scores(column: Any, i: int, count: int) -> list[float]:
+    """Row ``i``'s list of scores, or NaNs when the column is missing or does not match ``count``."""
+    values = list(column[i]) if column is not None and column[i] is not None else []
+    if len(values) != count:
+        return [math.nan] * count
+    return [math.nan if v is None else float(v) for v in values]
+
+
+def _score(column: Any, i: int) -> float:
+    if column is None or column[i] is None:
+        return math.nan
+    return float(column[i])
 
 
 def select(
@@ -86,53 +149,117 @@ def select(
     threshold: float | None,
     keep_web: bool = True,
     keep_synthetic: int = 1,
+    clip_threshold: float | None = None,
+    rank_by: str = "itm",
+    top_n: int | None = None,
 ) -> Batch:
     """Add ``web_kept`` (bool) and ``synthetic_kept`` (list of bool) to a batch.
 
-    Reads ``status``, ``web_text``, ``synthetic_texts`` and, when a filter ran, ``web_itm`` and
-    ``synthetic_itm``. Missing score columns are treated as "not scored" (NaN / empty).
+    Reads ``status``, ``web_text``, ``synthetic_texts`` and the scores that ran: ``web_itm`` /
+    ``synthetic_itm`` (filter), ``web_clip`` / ``synthetic_clip`` (CLIP). Missing score
+    columns are treated as "not scored" (NaN / empty). See the module docstring for the rule.
     """
+    if rank_by not in ("itm", "clip"):
+        raise ValueError(f"rank_by must be 'itm' or 'clip', got {rank_by!r}")
     out = dict(batch)
     n = len(batch["status"])
     synthetic = batch.get("synthetic_texts")
-    web_itm = batch.get("web_itm")
-    synthetic_itm = batch.get("synthetic_itm")
+    web_itm, synthetic_itm = batch.get("web_itm"), batch.get("synthetic_itm")
+    web_clip, synthetic_clip = batch.get("web_clip"), batch.get("synthetic_clip")
     web_kept = np.zeros(n, dtype=bool)
     synthetic_kept = np.empty(n, dtype=object)
     for i in range(n):
         ok = str(batch["status"][i]) == Status.ok
         texts = list(synthetic[i]) if synthetic is not None and synthetic[i] is not None else []
-        score = float(web_itm[i]) if web_itm is not None else math.nan
-        web_kept[i] = keep_web_text(
-            ok=ok, text=batch["web_text"][i], score=score, threshold=threshold, keep_web=keep_web
+        if not ok:
+            synthetic_kept[i] = [False] * len(texts)
+            continue
+        itm = _scores(synthetic_itm, i, len(texts))
+        clip = _scores(synthetic_clip, i, len(texts))
+        web_score, web_clip_score = _score(web_itm, i), _score(web_clip, i)
+        web = keep_web_text(
+            ok=ok, text=batch["web_text"][i], score=web_score, threshold=threshold, keep_web=keep_web
+        ) and _passes(web_clip_score, clip_threshold)
+        if rank_by == "clip":
+            rank, web_rank = clip, web_clip_score
+        elif threshold is not None:
+            rank, web_rank = itm, web_score
+        else:  # no filter ran: caption order
+            rank, web_rank = [0.0] * len(texts), 0.0
+        kept = keep_synthetic_texts(
+            itm,
+            count=len(texts),
+            threshold=threshold,
+            keep_synthetic=keep_synthetic,
+            clip=clip,
+            clip_threshold=clip_threshold,
+            rank=rank,
         )
-        scores = [float(p) for p in synthetic_itm[i]] if synthetic_itm is not None and ok else []
-        if ok and threshold is not None and len(scores) != len(texts):
-            scores = [math.nan] * len(texts)  # not scored (e.g. filter skipped this row)
-        synthetic_kept[i] = (
-            keep_synthetic_texts(scores, count=len(texts), threshold=threshold, keep_synthetic=keep_synthetic)
-            if ok
-            else [False] * len(texts)
-        )
+        if top_n is not None:
+            web, kept = keep_top_n(web, web_rank, kept, rank, top_n)
+        web_kept[i] = web
+        synthetic_kept[i] = kept
     out["web_kept"] = web_kept
     out["synthetic_kept"] = synthetic_kept
     return out
 
 
+def selection_options(cfg: Any) -> dict[str, Any]:
+    """The keyword arguments of :func:`select` for a pipeline config (the one place that maps them).
+
+    Without a filter (captioner-only CapFilt) every synthetic caption may be kept and no ITM
+    threshold applies; CLIP's threshold and the ranking options apply whenever they are set.
+    """
+    f = cfg.filter
+    if f is not None:
+        options: dict[str, Any] = {
+            "threshold": f.threshold,
+            "keep_web": f.keep_web,
+            "keep_synthetic": f.keep_synthetic,
+        }
+    else:
+        caption = cfg.caption
+        every = caption.num_captions * len(caption.model_ids) if caption is not None else 0
+        options = {"threshold": None, "keep_web": True, "keep_synthetic": every}
+    options["clip_threshold"] = cfg.clip.threshold if cfg.clip is not None else None
+    options["rank_by"] = cfg.select.rank_by
+    options["top_n"] = cfg.select.top_n
+    return options
+
+
+SCORE_COLUMNS = ("web_itm", "synthetic_itm", "web_clip", "synthetic_clip")
+
+
 def select_table(
-    table: pa.Table, *, threshold: float | None, keep_web: bool = True, keep_synthetic: int = 1
+    table: pa.Table,
+    *,
+    threshold: float | None,
+    keep_web: bool = True,
+    keep_synthetic: int = 1,
+    clip_threshold: float | None = None,
+    rank_by: str = "itm",
+    top_n: int | None = None,
 ) -> pa.Table:
     """Re-apply the selection rule to a samples table (e.g. ``pq.read_table(RUN/samples)``).
 
     Returns the table with ``web_kept`` and ``synthetic_kept`` replaced.
     """
-    columns = ["status", "web_text", "synthetic_texts", "web_itm", "synthetic_itm"]
+    columns = ["status", "web_text", "synthetic_texts", *SCORE_COLUMNS]
     batch = {
         name: object_array(table.column(name).to_pylist()) for name in columns if name in table.column_names
     }
-    if "web_itm" in batch:
-        batch["web_itm"] = np.array([math.nan if v is None else v for v in batch["web_itm"]], dtype=float)
-    result = select(batch, threshold=threshold, keep_web=keep_web, keep_synthetic=keep_synthetic)
+    for name in ("web_itm", "web_clip"):
+        if name in batch:
+            batch[name] = np.array([math.nan if v is None else v for v in batch[name]], dtype=float)
+    result = select(
+        batch,
+        threshold=threshold,
+        keep_web=keep_web,
+        keep_synthetic=keep_synthetic,
+        clip_threshold=clip_threshold,
+        rank_by=rank_by,
+        top_n=top_n,
+    )
     web = pa.array(result["web_kept"], type=pa.bool_())
     synthetic = pa.array(list(result["synthetic_kept"]), type=pa.list_(pa.bool_()))
     for name, column in (("web_kept", web), ("synthetic_kept", synthetic)):

@@ -36,6 +36,7 @@ class Status(StrEnum):
     too_large = "too_large"
     caption_failed = "caption_failed"
     filter_failed = "filter_failed"
+    clip_failed = "clip_failed"
 
     @property
     def description(self) -> str:
@@ -54,4 +55,5 @@ _DESCRIPTIONS: dict[Status, str] = {
     Status.too_large: "body over download.max_bytes, or too many pixels to decode safely (decompression bomb)",
     Status.caption_failed: "the captioner raised on this sample (its image was fine)",
     Status.filter_failed: "the filter raised on this sample (its image and captions were fine)",
+    Status.clip_failed: "the CLIP scorer raised on this sample (its image and captions were fine)",
 }

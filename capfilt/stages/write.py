@@ -100,9 +100,14 @@ OPTIONAL_SAMPLE_COLUMNS: dict[str, pa.DataType] = {
     "original_width": pa.int64(),
     "original_height": pa.int64(),
     "sha256": pa.string(),
+    "web_clip": pa.float64(),
+    "synthetic_clip": pa.list_(pa.float64()),
+    "phash": pa.string(),  # 16 hex digits
+    "duplicate_of": pa.string(),
 }
 """Columns copied into samples files when the stages produced them (ITC scores when
-``filter.itc_column``; image sizes and content hash from the download stage)."""
+``filter.itc_column``; image sizes and content hash from the download stage; CLIP scores
+with a ``clip`` section; the perceptual hash and the dedup mark with ``dedup.enabled``)."""
 
 DATASET_SCHEMA = pa.schema(
     [
