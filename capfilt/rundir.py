@@ -195,6 +195,9 @@ class RunDir:
         try:
             self.fs.makedirs(self.root, exist_ok=True)
         except OSError as err:
+            user = user_os_error(err, self.url)
+            if user is not None:
+                raise UserError(f"output.dir: {user}") from None
             raise UserError(f"output.dir: cannot create {self.url}: {err.strerror or err}") from None
 
     def _names(self, sub: str) -> list[str]:
