@@ -846,6 +846,10 @@ def _execute(
             bar.update(summary["rows"])
             bar.set_postfix(shards=f"{len(summaries)}/{len(expected)}", pairs=summary["pairs"])
 
+    # Keep one commit task's CPUs out of Ray Data's budget, so commits are not starved by the DAG.
+    options = ray.data.DataContext.get_current().execution_options
+    excluded = options.exclude_resources
+    options.exclude_resources = ray.data.ExecutionResources(cpu=cpus["commit"])
     ds = _build_dataset(cfg, plan, units, run_dir)
     try:
         for batch in _driver_batches(ds):
@@ -877,6 +881,7 @@ def _execute(
             raise UserError(str(user)) from None
         raise
     finally:
+        options.exclude_resources = excluded
         bar.close()
     if remaining:
         missing = {s: n - received.get(s, 0) for s, n in remaining.items()}
