@@ -495,6 +495,22 @@ def _write_parts(block: pa.Table, *, run: RunDir) -> pa.Table:
     return writer.write_parts(block, run=run)
 
 
+def _split_blocks(ds: Any, rows: int, *, num_cpus: float) -> Any:
+    """``ds.repartition(target_num_rows_per_block=rows)`` (streaming: no shuffle, no barrier)
+    whose tasks reserve ``num_cpus`` instead of Ray's default whole CPU.
+
+    Ray 2.60's ``repartition`` takes no resource arguments; its tasks asking for one whole CPU
+    never get scheduled when the model actors hold all but a fraction of the cluster's CPUs
+    (e.g. two caption actors and a filter on 2 CPUs), and the run would hang. The logical
+    operator carries ``ray_remote_args``, set here; if a later Ray renames it, the default stays.
+    """
+    ds = ds.repartition(target_num_rows_per_block=rows)
+    op = ds._logical_plan.dag  # noqa: SLF001
+    if isinstance(getattr(op, "ray_remote_args", None), dict):
+        object.__setattr__(op, "ray_remote_args", {**op.ray_remote_args, "num_cpus": num_cpus})
+    return ds
+
+
 def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDir) -> Any:
     """The streaming DAG over the read units (nothing runs until it is iterated).
 
@@ -515,7 +531,7 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDi
     download = stages["download"]
     # A read task returns a whole file or row-group range as one block; cut it (streaming, no
     # shuffle) into download-batch blocks so that the download tasks run in parallel.
-    ds = ds.repartition(target_num_rows_per_block=download.batch_size or 1)
+    ds = _split_blocks(ds, download.batch_size or 1, num_cpus=stages["read"].num_cpus or 1.0)
     ds = ds.map_batches(
         _download_batch,
         fn_kwargs={"cfg": cfg.download},
