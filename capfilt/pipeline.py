@@ -542,6 +542,22 @@ def _write_parts(block: pa.Table, *, run: RunDir) -> pa.Table:
     return writer.write_parts(block, run=run)
 
 
+def _split_blocks(ds: Any, rows: int, *, num_cpus: float) -> Any:
+    """``ds.repartition(target_num_rows_per_block=rows)`` (streaming: no shuffle, no barrier)
+    whose tasks reserve ``num_cpus`` instead of Ray's default whole CPU.
+
+    Ray 2.60's ``repartition`` takes no resource arguments; its tasks asking for one whole CPU
+    never get scheduled when the model actors hold all but a fraction of the cluster's CPUs
+    (e.g. two caption actors and a filter on 2 CPUs), and the run would hang. The logical
+    operator carries ``ray_remote_args``, set here; if a later Ray renames it, the default stays.
+    """
+    ds = ds.repartition(target_num_rows_per_block=rows)
+    op = ds._logical_plan.dag  # noqa: SLF001
+    if isinstance(getattr(op, "ray_remote_args", None), dict):
+        object.__setattr__(op, "ray_remote_args", {**op.ray_remote_args, "num_cpus": num_cpus})
+    return ds
+
+
 def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDir) -> Any:
     """The streaming DAG over the read units (nothing runs until it is iterated).
 
@@ -567,7 +583,7 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDi
     download = stages["download"]
     # A read task returns a whole file or row-group range as one block; cut it (streaming, no
     # shuffle) into download-batch blocks so that the download tasks run in parallel.
-    ds = ds.repartition(target_num_rows_per_block=download.batch_size or 1)
+    ds = _split_blocks(ds, download.batch_size or 1, num_cpus=stages["read"].num_cpus or 1.0)
     if "where" in stages:  # rows input.where rejects get status filtered_metadata
         from capfilt.stages.where import apply_where
 
@@ -931,6 +947,10 @@ def _execute(
             bar.update(summary["rows"])
             bar.set_postfix(shards=f"{len(summaries)}/{len(expected)}", pairs=summary["pairs"])
 
+    # Keep one commit task's CPUs out of Ray Data's budget, so commits are not starved by the DAG.
+    options = ray.data.DataContext.get_current().execution_options
+    excluded = options.exclude_resources
+    options.exclude_resources = ray.data.ExecutionResources(cpu=cpus["commit"])
     ds = _build_dataset(cfg, plan, units, run_dir)
     try:
         for batch in _driver_batches(ds):
@@ -962,6 +982,7 @@ def _execute(
             raise UserError(_user_message(user)) from None
         raise
     finally:
+        options.exclude_resources = excluded
         bar.close()
     if remaining:
         missing = {s: n - received.get(s, 0) for s, n in remaining.items()}
