@@ -214,10 +214,11 @@ def test_a_failing_row_becomes_filter_failed(models: tuple[str, str]) -> None:
     med = stage.models[0][0]
     real_itm = med.itm_logits
 
-    def itm_logits(image_embeds, input_ids, attention_mask):
-        if image_embeds.shape[0] > 0 and (image_embeds - first).abs().amax(dim=(1, 2)).min() < 1e-6:
+    def itm_logits(image_embeds, input_ids, attention_mask, *, image=None):
+        keys = image.kv[0][0] if image is not None else med.image_context(image_embeds).kv[0][0]
+        if keys.shape[0] > 0 and (keys - bad_keys).abs().amax(dim=(1, 2, 3)).min() < 1e-6:
             raise ValueError("bad row (simulated)")
-        return real_itm(image_embeds, input_ids, attention_mask)
+        return real_itm(image_embeds, input_ids, attention_mask, image=image)
 
     with torch.inference_mode():
         first = med.encode_image(
@@ -227,6 +228,7 @@ def test_a_failing_row_becomes_filter_failed(models: tuple[str, str]) -> None:
                 dtype=torch.float32,
             )
         )
+        bad_keys = med.image_context(first).kv[0][0]
     med.itm_logits = itm_logits
     out = stage(batch)
     assert list(out["status"]) == ["ok", "filter_failed", "ok"]

@@ -127,10 +127,14 @@ def test_captions_do_not_depend_on_batch_size() -> None:
     kwargs = dict(prompt_ids=[7, 8], num_captions=5, max_length=20, min_length=5, sample=True)
     whole = med.generate(PIXELS, seeds=SEEDS, **kwargs)
     for size in (1, 2, 4):
-        parts = [med.generate(PIXELS[i : i + size], seeds=SEEDS[i : i + size], **kwargs) for i in range(0, 6, size)]
+        parts = [
+            med.generate(PIXELS[i : i + size], seeds=SEEDS[i : i + size], **kwargs) for i in range(0, 6, size)
+        ]
         width = max(p.shape[1] for p in parts)
         joined = torch.cat([F.pad(p, (0, width - p.shape[1])) for p in parts])
-        assert torch.equal(F.pad(whole, (0, width - whole.shape[1])) if whole.shape[1] < width else whole, joined)
+        assert torch.equal(
+            F.pad(whole, (0, width - whole.shape[1])) if whole.shape[1] < width else whole, joined
+        )
 
 
 @pytest.mark.parametrize("sharpen", [1.0, 12.0])
@@ -151,11 +155,15 @@ def test_cached_decoding_equals_full_recompute() -> None:
         cache = med._new_cache(capacity=10)
         steps = [med.text_decoder(ids[:, :3], None, None, cache=cache, image=image)]
         for t in range(3, 6):
-            steps.append(med.text_decoder(ids[:, t : t + 1], None, None, cache=cache, past_length=t, image=image))
+            steps.append(
+                med.text_decoder(ids[:, t : t + 1], None, None, cache=cache, past_length=t, image=image)
+            )
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_nucleus_candidates_equal_the_full_sort_and_fall_back_when_flat(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nucleus_candidates_equal_the_full_sort_and_fall_back_when_flat(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(400, 500, generator=generator) * torch.linspace(0.1, 12.0, 400)[:, None]
     logits[::7, 10:14] = logits[::7, 10:11]  # exact ties inside the nucleus
