@@ -193,9 +193,9 @@ def decode_image(
 
 def _resize_rgb(image: Image.Image, size: int, box: tuple[int, int, int, int] | None) -> np.ndarray:
     rgb = image.convert("RGB")
-    if box is not None:
-        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC, box=box)
-    elif rgb.size != (size, size):
+    if box is not None:  # crop first: resizing with box= would blend the padding in at the edges
+        rgb = rgb.crop(box)
+    if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)
 
