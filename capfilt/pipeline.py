@@ -55,7 +55,7 @@ DOWNLOAD_MAX_BATCH = 1024
 CPUS_GPU_RUN = {"download": 1.0, "preprocess": 1.0, "model": 1.0, "select": 0.25}
 CPUS_CPU_RUN = {"download": 0.25, "preprocess": 0.25, "model": 0.5, "select": 0.1}
 
-RESOURCE_FIELDS = {"batch_size", "concurrency", "num_gpus", "threads"}
+RESOURCE_FIELDS = {"batch_size", "concurrency", "num_gpus", "threads", "fused"}
 """Config fields that change how fast a run goes but not what it writes (free to change on resume)."""
 
 
@@ -182,6 +182,7 @@ def make_plan(cfg: PipelineConfig) -> Plan:
     if cfg.filter is not None:
         f = cfg.filter
         stages.append(_model_stage("filter", f, cpus=cpus["model"], dtype_note=f"; threshold {f.threshold}"))
+    stages = _fuse_caption_filter(cfg, stages)
     stages.append(StagePlan(name="select", kind="tasks", num_cpus=cpus["select"]))
     stages.append(StagePlan(name="write", kind="driver", note="commits each shard when all its rows arrived"))
     return Plan(
@@ -192,6 +193,29 @@ def make_plan(cfg: PipelineConfig) -> Plan:
         ray_address=cfg.ray.address,
         stages=stages,
     )
+
+
+def _fuse_caption_filter(cfg: PipelineConfig, stages: list[StagePlan]) -> list[StagePlan]:
+    """With ``filter.fused``: the caption and filter stages become one ``caption+filter`` actor
+    pool (capfilt/stages/fused.py) sized by the caption section's resources."""
+    if cfg.filter is None or not cfg.filter.fused:
+        return stages
+    if cfg.caption is None:
+        raise UserError("filter.fused: needs a caption section (the fused stage captions, then filters)")
+    by_name = {s.name: s for s in stages}
+    c, f = by_name["caption"], by_name["filter"]
+    fused = StagePlan(
+        name="fused",
+        kind="actors",
+        batch_size=c.batch_size,
+        num_cpus=c.num_cpus,
+        num_gpus=c.num_gpus,
+        concurrency=c.concurrency,
+        models=c.models + f.models,
+        note=f"caption then filter in one actor (filter micro-batch {cfg.filter.batch_size}); "
+        f"caption: {c.note}; filter: {f.note}",
+    )
+    return [s for s in stages if s.name not in ("caption", "filter")] + [fused]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -329,10 +353,12 @@ def _download_batch(batch: dict[str, np.ndarray], *, cfg: Any) -> dict[str, np.n
     return Downloader(cfg=cfg)(batch)
 
 
-def _preprocess_batch(batch: dict[str, np.ndarray], *, sizes: list[int]) -> dict[str, np.ndarray]:
+def _preprocess_batch(
+    batch: dict[str, np.ndarray], *, sizes: list[int], resize_mode: str | None = None
+) -> dict[str, np.ndarray]:
     from capfilt.stages.caption import preprocess
 
-    return preprocess(batch, sizes=sizes)
+    return preprocess(batch, sizes=sizes, resize_mode=resize_mode)
 
 
 def _stage_stats(ds: Any) -> list[dict[str, Any]]:
@@ -416,9 +442,24 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, table: pa.Table) -> Any:
         drop = [pixel_column(s) for s in sizes]
         pre = stages["preprocess"]
         ds = ds.map_batches(
-            _preprocess_batch, fn_kwargs={"sizes": sizes}, batch_size=pre.batch_size, num_cpus=pre.num_cpus
+            _preprocess_batch,
+            fn_kwargs={"sizes": sizes, "resize_mode": cfg.download.resize_mode},
+            batch_size=pre.batch_size,
+            num_cpus=pre.num_cpus,
         )
-    if cfg.caption is not None:
+    if "fused" in stages:
+        from capfilt.stages.fused import CaptionFilter
+
+        s = stages["fused"]
+        ds = ds.map_batches(
+            CaptionFilter,
+            fn_constructor_kwargs={"caption": cfg.caption, "filter": cfg.filter},
+            compute=ray.data.ActorPoolStrategy(size=s.concurrency),
+            batch_size=s.batch_size,
+            num_cpus=s.num_cpus,
+            num_gpus=s.num_gpus,
+        )
+    elif cfg.caption is not None:
         from capfilt.stages.caption import Captioner
 
         s = stages["caption"]
@@ -430,7 +471,7 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, table: pa.Table) -> Any:
             num_cpus=s.num_cpus,
             num_gpus=s.num_gpus,
         )
-    if cfg.filter is not None:
+    if cfg.filter is not None and "fused" not in stages:
         from capfilt.stages.filter import Filter
 
         s = stages["filter"]

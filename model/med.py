@@ -1120,10 +1120,13 @@ class MED(nn.Module):
             out[alive, cur] = token
             cur += 1
             width = cur
-            going = token != cfg.sep_token_id
-            if cur >= max_length or not bool(going.any()):
+            if cur >= max_length:
                 break
-            if not bool(going.all()):  # drop the rows that just finished
+            going = token != cfg.sep_token_id
+            still = int(going.sum())  # the step's one host sync (CPU: free)
+            if still == 0:
+                break
+            if still < going.numel():  # drop the rows that just finished
                 keep = going.nonzero().squeeze(1)
                 alive = alive.index_select(0, keep)
                 token = token.index_select(0, keep)
