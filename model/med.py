@@ -100,12 +100,16 @@ class MEDConfig:
         if self.image_size % self.patch_size:
             problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.vision_width % self.vision_heads:
-            problems.append(f"vision_width {self.vision_width} is not divisible by vision_heads {self.vision_heads}")
+            problems.append(
+                f"vision_width {self.vision_width} is not divisible by vision_heads {self.vision_heads}"
+            )
         if self.text_width % self.text_heads:
             problems.append(f"text_width {self.text_width} is not divisible by text_heads {self.text_heads}")
         for name in ("pad_token_id", "cls_token_id", "sep_token_id", "bos_token_id", "enc_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
-                problems.append(f"{name} {getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})")
+                problems.append(
+                    f"{name} {getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})"
+                )
         if self.queue_size < 0:
             problems.append(f"queue_size must be >= 0, got {self.queue_size}")
         if not 0.0 <= self.momentum < 1.0:
@@ -384,7 +388,9 @@ def image_row_slots(row_image: Tensor, num_images: int) -> tuple[Tensor, int, bo
 class TextEmbeddings(nn.Module):
     def __init__(self, *, config: MEDConfig) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.text_width, padding_idx=config.pad_token_id)
+        self.word_embeddings = nn.Embedding(
+            config.vocab_size, config.text_width, padding_idx=config.pad_token_id
+        )
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.text_width)
         self.LayerNorm = nn.LayerNorm(config.text_width, eps=config.text_eps)
 
@@ -436,7 +442,9 @@ class TextSelfAttention(nn.Module):
 
     def image_kv(self, image_embeds: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of image tokens (I, N, Dv) -> (I, H, N, d) each (cross-attention only)."""
-        return _split_heads(self.key(image_embeds), self.heads), _split_heads(self.value(image_embeds), self.heads)
+        return _split_heads(self.key(image_embeds), self.heads), _split_heads(
+            self.value(image_embeds), self.heads
+        )
 
 
 class TextSelfOutput(nn.Module):
@@ -570,7 +578,9 @@ class TextModel(nn.Module):
         keep: Tensor | None = None
         if attention_mask is not None:
             if attention_mask.shape != (b, past_length + n):
-                raise ValueError(f"attention_mask must be {(b, past_length + n)}, got {tuple(attention_mask.shape)}")
+                raise ValueError(
+                    f"attention_mask must be {(b, past_length + n)}, got {tuple(attention_mask.shape)}"
+                )
             keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Lk)
         if causal and n > 1:
             q_pos = torch.arange(past_length, past_length + n, device=input_ids.device)
@@ -580,7 +590,12 @@ class TextModel(nn.Module):
         mask = _additive_mask(keep, x.dtype) if keep is not None else None
         for i, layer in enumerate(self.encoder.layer):
             x = layer(
-                x, mask, image_embeds=image_embeds, cache=cache[i] if cache is not None else None, image=image, layer=i
+                x,
+                mask,
+                image_embeds=image_embeds,
+                cache=cache[i] if cache is not None else None,
+                image=image,
+                layer=i,
             )
         return x
 
@@ -694,7 +709,9 @@ def counter_uniform(seeds: Tensor, caption_index: Tensor, step: int) -> Tensor:
 def _top_p_sorted(probs: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
     """Sort probabilities descending and zero all but the smallest prefix with mass >= top_p."""
     sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True, stable=True)
-    sorted_probs = sorted_probs.masked_fill(~_top_p_mask(sorted_probs, top_p), 0.0)  # the top token always stays
+    sorted_probs = sorted_probs.masked_fill(
+        ~_top_p_mask(sorted_probs, top_p), 0.0
+    )  # the top token always stays
     return sorted_probs, sorted_ids
 
 
@@ -726,7 +743,9 @@ def _nucleus_sample(probs: Tensor, top_p: float, u: Tensor, candidates: int = NU
     token = _pick_from_sorted(values.masked_fill(~kept, 0.0), ids, u)
     if not bool(exact.all()):
         redo = (~exact).nonzero().squeeze(1)
-        token[redo] = _pick_from_sorted(*_top_p_sorted(probs.index_select(0, redo), top_p), u.index_select(0, redo))
+        token[redo] = _pick_from_sorted(
+            *_top_p_sorted(probs.index_select(0, redo), top_p), u.index_select(0, redo)
+        )
     return token
 
 
@@ -833,7 +852,9 @@ class MED(nn.Module):
         """Normalised ITC text feature (B, E) from the [CLS] token."""
         return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
 
-    def image_context(self, image_embeds: Tensor, row_image: Tensor | None = None, *, group: int = 1) -> ImageContext:
+    def image_context(
+        self, image_embeds: Tensor, row_image: Tensor | None = None, *, group: int = 1
+    ) -> ImageContext:
         """Cross-attention keys/values of every text layer, computed once per image.
 
         ``image_embeds`` (I, 1 + N, Dv) from :meth:`encode_image`; ``row_image`` (R,) names the
@@ -899,7 +920,9 @@ class MED(nn.Module):
         torch._foreach_lerp_(moving, online, 1.0 - self.config.momentum)
 
     @torch.no_grad()
-    def dequeue_and_enqueue(self, image_feat: Tensor, text_feat: Tensor, image_ids: Tensor | None = None) -> None:
+    def dequeue_and_enqueue(
+        self, image_feat: Tensor, text_feat: Tensor, image_ids: Tensor | None = None
+    ) -> None:
         """Write the (globally gathered) momentum features into the queues, oldest first out."""
         image_feat, text_feat = _all_gather(image_feat), _all_gather(text_feat)
         batch = image_feat.shape[0]
@@ -954,8 +977,12 @@ class MED(nn.Module):
             with torch.no_grad():
                 if self.training:
                     self.momentum_update()
-                image_feat_m = F.normalize(self.vision_proj_m(self.vision_model_m(pixel_values)[:, 0]), dim=-1)
-                text_feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(input_ids, attention_mask)[:, 0]), dim=-1)
+                image_feat_m = F.normalize(
+                    self.vision_proj_m(self.vision_model_m(pixel_values)[:, 0]), dim=-1
+                )
+                text_feat_m = F.normalize(
+                    self.text_proj_m(self.text_encoder_m(input_ids, attention_mask)[:, 0]), dim=-1
+                )
             out["loss_itc"] = L.itc_loss(
                 image_feat,
                 text_feat,
@@ -1030,7 +1057,9 @@ class MED(nn.Module):
         prompt = torch.as_tensor(list(prompt_ids) if prompt_ids is not None else [], dtype=torch.long)
         prefix_len = 1 + prompt.numel()
         if max_length <= prefix_len:
-            raise ValueError(f"max_length {max_length} leaves no room after [DEC] + {prompt.numel()} prompt tokens")
+            raise ValueError(
+                f"max_length {max_length} leaves no room after [DEC] + {prompt.numel()} prompt tokens"
+            )
         batch = pixel_values.shape[0]
         if seeds is not None:
             seeds = torch.as_tensor(seeds, dtype=torch.long).reshape(-1)
@@ -1042,7 +1071,9 @@ class MED(nn.Module):
             rows = num_captions
         else:
             if num_captions > num_beams:
-                raise ValueError(f"beam search returns at most num_beams={num_beams} captions, asked {num_captions}")
+                raise ValueError(
+                    f"beam search returns at most num_beams={num_beams} captions, asked {num_captions}"
+                )
             rows = num_beams
         # Image-major rows; each image's cross-attention keys/values are computed once and read
         # by all its rows (beam search only reorders beams within an image, so this holds).
@@ -1052,13 +1083,27 @@ class MED(nn.Module):
 
         if sample or num_beams == 1:
             out = self._sample_or_greedy(
-                image, seqs, sample=sample, top_p=top_p, max_length=max_length, min_length=min_length,
-                repetition_penalty=repetition_penalty, num_captions=rows, seeds=seeds, generator=generator,
+                image,
+                seqs,
+                sample=sample,
+                top_p=top_p,
+                max_length=max_length,
+                min_length=min_length,
+                repetition_penalty=repetition_penalty,
+                num_captions=rows,
+                seeds=seeds,
+                generator=generator,
             )
         else:
             out = self._beam_search(
-                image, seqs, batch=batch, num_beams=num_beams, num_return=num_captions,
-                max_length=max_length, min_length=min_length, repetition_penalty=repetition_penalty,
+                image,
+                seqs,
+                batch=batch,
+                num_beams=num_beams,
+                num_return=num_captions,
+                max_length=max_length,
+                min_length=min_length,
+                repetition_penalty=repetition_penalty,
             )
         return out[:, prefix_len:]
 
@@ -1101,11 +1146,15 @@ class MED(nn.Module):
         step_ids, past, cur = seqs, 0, prefix_len
         width = prefix_len
         while cur < max_length:
-            logits = self.text_decoder(step_ids, None, None, cache=cache, past_length=past, image=image)[:, -1]
+            logits = self.text_decoder(step_ids, None, None, cache=cache, past_length=past, image=image)[
+                :, -1
+            ]
             logits = logits.float()
             past = cur
             if repetition_penalty != 1.0:
-                logits = _apply_repetition_penalty(logits, out.index_select(0, alive)[:, :cur], repetition_penalty)
+                logits = _apply_repetition_penalty(
+                    logits, out.index_select(0, alive)[:, :cur], repetition_penalty
+                )
             if cur < min_length:
                 logits[:, cfg.sep_token_id] = -math.inf
             if not sample:
@@ -1134,7 +1183,10 @@ class MED(nn.Module):
                     layer_cache.select(keep)
                 image = image.select_rows(keep)
                 if seeded:
-                    row_seeds, caption_index = row_seeds.index_select(0, keep), caption_index.index_select(0, keep)
+                    row_seeds, caption_index = (
+                        row_seeds.index_select(0, keep),
+                        caption_index.index_select(0, keep),
+                    )
             step_ids = token[:, None]
         return out[:, :width]
 
@@ -1173,7 +1225,9 @@ class MED(nn.Module):
         cur_len = prompt_len
         while cur_len < max_length:
             flat = running.reshape(batch * nb, -1)
-            logits = self.text_decoder(step_ids, None, None, cache=cache, past_length=past, image=image)[:, -1].float()
+            logits = self.text_decoder(step_ids, None, None, cache=cache, past_length=past, image=image)[
+                :, -1
+            ].float()
             past = cur_len
             log_probs = F.log_softmax(logits, dim=-1)
             log_probs = _apply_repetition_penalty(log_probs, flat, repetition_penalty)
@@ -1182,14 +1236,18 @@ class MED(nn.Module):
             scores = (log_probs.view(batch, nb, vocab) + running_scores[:, :, None]).view(batch, nb * vocab)
             top_scores, top_idx = scores.topk(2 * nb, dim=1)
             src_beam, token = top_idx // vocab, top_idx % vocab
-            cand = torch.cat([running.gather(1, src_beam[:, :, None].expand(-1, -1, cur_len)), token[:, :, None]], 2)
+            cand = torch.cat(
+                [running.gather(1, src_beam[:, :, None].expand(-1, -1, cur_len)), token[:, :, None]], 2
+            )
             ends = (token == cfg.sep_token_id) | (cur_len + 1 >= max_length)
 
             # Continue with the best num_beams candidates that did not end.
             keep_scores, keep = (top_scores + ends.float() * neg).topk(nb, dim=1)
             running = cand.gather(1, keep[:, :, None].expand(-1, -1, cur_len + 1))
             running_scores = keep_scores
-            beam_origin = (src_beam.gather(1, keep) + torch.arange(batch, device=device)[:, None] * nb).reshape(-1)
+            beam_origin = (
+                src_beam.gather(1, keep) + torch.arange(batch, device=device)[:, None] * nb
+            ).reshape(-1)
 
             # Ended candidates among the top num_beams become finished hypotheses.
             rank_ok = torch.arange(2 * nb, device=device)[None, :] < nb
@@ -1227,7 +1285,9 @@ class MED(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_model(self, str(directory / WEIGHTS_NAME))
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n", encoding="utf-8")
+        (directory / CONFIG_NAME).write_text(
+            json.dumps(self.config.to_dict(), indent=2) + "\n", encoding="utf-8"
+        )
         if tokenizer is not None:
             tokenizer.save_pretrained(str(directory))
         return directory
@@ -1271,7 +1331,9 @@ def load_pickle_weights(directory: Path, *, allow_pickle: bool) -> dict[str, Ten
             "arbitrary code, so it needs --allow-pickle (allow_pickle=True)"
         )
     if len(candidates) > 1:
-        raise CheckpointError(f"{directory}: several pickle weight files ({[p.name for p in candidates]}); keep one")
+        raise CheckpointError(
+            f"{directory}: several pickle weight files ({[p.name for p in candidates]}); keep one"
+        )
     state = torch.load(candidates[0], map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # BLIP's .pth files wrap the state dict
@@ -1331,18 +1393,34 @@ def parameter_counts(med: MED) -> dict[str, int]:
         "text_shared": _count(
             [
                 *med.text_encoder.embeddings.parameters(),
-                *(p for layer in enc_layers for m in (layer.crossattention, layer.intermediate, layer.output)
-                  for p in m.parameters()),
+                *(
+                    p
+                    for layer in enc_layers
+                    for m in (layer.crossattention, layer.intermediate, layer.output)
+                    for p in m.parameters()
+                ),
             ],
             seen,
         ),
-        "text_encoder_self_attention": _count((p for layer in enc_layers for p in layer.attention.parameters()), seen),
-        "decoder_self_attention": _count((p for layer in dec_layers for p in layer.attention.parameters()), seen),
+        "text_encoder_self_attention": _count(
+            (p for layer in enc_layers for p in layer.attention.parameters()), seen
+        ),
+        "decoder_self_attention": _count(
+            (p for layer in dec_layers for p in layer.attention.parameters()), seen
+        ),
         "lm_head": _count(med.text_decoder.cls.parameters(), seen),
         "projections_itm": _count(
-            [*med.vision_proj.parameters(), *med.text_proj.parameters(), *med.itm_head.parameters(), med.temp], seen
+            [
+                *med.vision_proj.parameters(),
+                *med.text_proj.parameters(),
+                *med.itm_head.parameters(),
+                med.temp,
+            ],
+            seen,
         ),
     }
-    counts["momentum"] = _count((p for _, name in _MOMENTUM_PAIRS for p in getattr(med, name).parameters()), seen)
+    counts["momentum"] = _count(
+        (p for _, name in _MOMENTUM_PAIRS for p in getattr(med, name).parameters()), seen
+    )
     counts["total_trainable"] = _count((p for p in med.parameters() if p.requires_grad), set())
     return counts
