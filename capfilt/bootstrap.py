@@ -151,7 +151,8 @@ class StepTraining(_Section):
 
 class PretrainStep(StepTraining):
     round0_web: bool = Field(
-        default=True, description="Round 0 also pre-trains on the raw web pairs (BLIP's first model sees them)."
+        default=True,
+        description="Round 0 also pre-trains on the raw web pairs (BLIP's first model sees them).",
     )
 
 
@@ -195,9 +196,7 @@ class EvalSection(_Section):
     num_beams: int = Field(default=3, ge=1)
     max_length: int = Field(default=20, ge=1)
     min_length: int = Field(default=5, ge=0)
-    prompt: str = Field(
-        default="", description="Caption prompt; pre-training uses none, so none by default."
-    )
+    prompt: str = Field(default="", description="Caption prompt; pre-training uses none, so none by default.")
 
 
 class EnsembleSection(_Section):
@@ -220,7 +219,9 @@ class BootstrapConfig(_Section):
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     rounds: int = Field(default=1, ge=1)
-    from_scratch: bool = Field(default=True, description="Pre-train MED_r from scratch (BLIP Table 13) or continue.")
+    from_scratch: bool = Field(
+        default=True, description="Pre-train MED_r from scratch (BLIP Table 13) or continue."
+    )
     ensemble: EnsembleSection = Field(default_factory=EnsembleSection)
     ablation: bool = False
     output: BootstrapOutput = Field(default_factory=BootstrapOutput)
@@ -309,8 +310,11 @@ class State:
         return bool(self.steps.get(name, {}).get("done"))
 
     def mark(self, name: str, seconds: float | None) -> None:
-        self.steps[name] = {"done": True, "seconds": None if seconds is None else round(seconds, 2),
-                            "finished_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        self.steps[name] = {
+            "done": True,
+            "seconds": None if seconds is None else round(seconds, 2),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
         _atomic_write(self.path, json.dumps({"version": 1, "steps": self.steps}, indent=2) + "\n")
 
 
@@ -320,7 +324,9 @@ def _fault(variable: str, name: str) -> None:
         raise InjectedFault(f"{variable}={wanted}: injected failure at step {name}")
 
 
-def run_steps(steps: Sequence[Step], state: State, *, echo: Callable[[str], None] = print) -> dict[str, float]:
+def run_steps(
+    steps: Sequence[Step], state: State, *, echo: Callable[[str], None] = print
+) -> dict[str, float]:
     """Run the steps in order, skipping committed ones; returns seconds of the steps run now.
 
     A step counts as committed when state.json says so AND its artifact exists. An artifact that
@@ -442,8 +448,12 @@ def _web_pairs(path: Path) -> Any:
     import pyarrow.parquet as pq
 
     data = pq.read_table(path, columns=["key", "image", "text"]).to_pydict()
-    rows = [(k, i, t) for k, i, t in zip(data["key"], data["image"], data["text"], strict=True) if t and t.strip()]
-    return _pairs_table([str(r[0]) for r in rows], [r[1] for r in rows], [[r[2]] for r in rows], ["web"] * len(rows))
+    rows = [
+        (k, i, t) for k, i, t in zip(data["key"], data["image"], data["text"], strict=True) if t and t.strip()
+    ]
+    return _pairs_table(
+        [str(r[0]) for r in rows], [r[1] for r in rows], [[r[2]] for r in rows], ["web"] * len(rows)
+    )
 
 
 def _tar_images(path: Path) -> dict[str, bytes]:
@@ -458,7 +468,9 @@ def _tar_images(path: Path) -> dict[str, bytes]:
     return images
 
 
-def selected_pairs(pipeline_dir: Path, *, threshold: float | None, keep_web: bool, keep_synthetic: int) -> Any:
+def selected_pairs(
+    pipeline_dir: Path, *, threshold: float | None, keep_web: bool, keep_synthetic: int
+) -> Any:
     """Pairs a selection rule keeps from a pipeline run's samples, with their downloaded images.
 
     One row per kept text (a web text and a synthetic caption of the same image are two rows,
@@ -480,7 +492,9 @@ def selected_pairs(pipeline_dir: Path, *, threshold: float | None, keep_web: boo
         )  # fmt: skip
         tar = writer.images_path(pipeline_dir, shard)
         shard_images = _tar_images(tar) if tar.is_file() else {}
-        for row in samples.select(["key", "web_text", "web_kept", "synthetic_texts", "synthetic_kept"]).to_pylist():
+        for row in samples.select(
+            ["key", "web_text", "web_kept", "synthetic_texts", "synthetic_kept"]
+        ).to_pylist():
             texts = [(row["web_text"], "web")] if row["web_kept"] else []
             pairs = zip(row["synthetic_texts"] or [], row["synthetic_kept"] or [], strict=True)
             texts += [(text, "synthetic") for text, kept in pairs if kept]
@@ -575,38 +589,91 @@ class Bootstrap:
         steps: list[Step] = []
         if cfg.corpus.synthetic and not cfg.corpus.dir:
             steps.append(Step(name="corpus", target=self.run_dir / "corpus", run=self._corpus_step))
-        steps.append(Step(name="round-0/pretrain", target=self.round_dir(0) / "pretrain",
-                          run=self._pretrain_step(0), resumable=True))
-        steps.append(Step(name="round-0/eval", target=self.round_dir(0) / "eval.json", run=self._eval_step(0)))
+        steps.append(
+            Step(
+                name="round-0/pretrain",
+                target=self.round_dir(0) / "pretrain",
+                run=self._pretrain_step(0),
+                resumable=True,
+            )
+        )
+        steps.append(
+            Step(name="round-0/eval", target=self.round_dir(0) / "eval.json", run=self._eval_step(0))
+        )
         for r in range(1, rounds + 1):
             rd = self.round_dir(r)
             for kind, count in (("captioner", cfg.ensemble.captioners), ("filter", cfg.ensemble.filters)):
                 for i in range(count):
                     name = self.member_name(kind, i)
-                    steps.append(Step(name=f"round-{r}/{name}", target=rd / name,
-                                      run=self._finetune_step(kind, r, i), resumable=True))
-            steps.append(Step(name=f"round-{r}/pipeline", target=rd / "pipeline", run=self._pipeline_step(r),
-                              resumable=True))
-            steps.append(Step(name=f"round-{r}/pretrain", target=rd / "pretrain", run=self._pretrain_step(r),
-                              resumable=True))
+                    steps.append(
+                        Step(
+                            name=f"round-{r}/{name}",
+                            target=rd / name,
+                            run=self._finetune_step(kind, r, i),
+                            resumable=True,
+                        )
+                    )
+            steps.append(
+                Step(
+                    name=f"round-{r}/pipeline",
+                    target=rd / "pipeline",
+                    run=self._pipeline_step(r),
+                    resumable=True,
+                )
+            )
+            steps.append(
+                Step(
+                    name=f"round-{r}/pretrain",
+                    target=rd / "pretrain",
+                    run=self._pretrain_step(r),
+                    resumable=True,
+                )
+            )
             steps.append(Step(name=f"round-{r}/eval", target=rd / "eval.json", run=self._eval_step(r)))
         if ablation:
             for variant in self.ablation_variants_to_train():
                 base = self.run_dir / "ablation" / variant
-                steps.append(Step(name=f"ablation/{variant}/pretrain", target=base / "pretrain",
-                                  run=self._ablation_pretrain_step(variant), resumable=True))
-                steps.append(Step(name=f"ablation/{variant}/eval", target=base / "eval.json",
-                                  run=self._ablation_eval_step(variant)))
+                steps.append(
+                    Step(
+                        name=f"ablation/{variant}/pretrain",
+                        target=base / "pretrain",
+                        run=self._ablation_pretrain_step(variant),
+                        resumable=True,
+                    )
+                )
+                steps.append(
+                    Step(
+                        name=f"ablation/{variant}/eval",
+                        target=base / "eval.json",
+                        run=self._ablation_eval_step(variant),
+                    )
+                )
         return steps
 
     def _corpus_step(self, staging: Path, resuming: bool) -> None:
         c = self.cfg.corpus
-        make_corpus(staging, images=c.images, seed=c.seed, noise=c.noise, size=c.size,
-                    human_images=c.human_images, test_images=c.test_images, progress=self.progress)
+        make_corpus(
+            staging,
+            images=c.images,
+            seed=c.seed,
+            noise=c.noise,
+            size=c.size,
+            human_images=c.human_images,
+            test_images=c.test_images,
+            progress=self.progress,
+        )
 
     # ---- training
-    def _training_yaml(self, kind: str, settings: StepTraining, *, init: str, sources: list[dict[str, Any]],
-                       out: Path, seed: int) -> dict[str, Any]:
+    def _training_yaml(
+        self,
+        kind: str,
+        settings: StepTraining,
+        *,
+        init: str,
+        sources: list[dict[str, Any]],
+        out: Path,
+        seed: int,
+    ) -> dict[str, Any]:
         model: dict[str, Any] = {"init": init}
         if init == "scratch":
             m = self.cfg.model
@@ -616,8 +683,12 @@ class Bootstrap:
         train["progress"] = self.progress and train["progress"]
         return {
             "model": model,
-            "data": {"sources": sources, "augment": settings.augment.model_dump(mode="json"),
-                     "max_length": settings.max_length, "num_workers": settings.num_workers},
+            "data": {
+                "sources": sources,
+                "augment": settings.augment.model_dump(mode="json"),
+                "max_length": settings.max_length,
+                "num_workers": settings.num_workers,
+            },
             "optim": settings.optim.model_dump(mode="json"),
             "train": train,
             "output": {"dir": str(out)},
@@ -642,8 +713,14 @@ class Bootstrap:
 
         def run(staging: Path, resuming: bool) -> None:
             sources = [{"path": str(self.corpus.human), "format": "parquet", "captions": "expand"}]
-            config = self._training_yaml(kind, settings, init=str(self.model_dir(r - 1)), sources=sources,
-                                         out=staging, seed=settings.train.seed + 1000 * r + i)
+            config = self._training_yaml(
+                kind,
+                settings,
+                init=str(self.model_dir(r - 1)),
+                sources=sources,
+                out=staging,
+                seed=settings.train.seed + 1000 * r + i,
+            )
             self._train(kind, config, staging, resuming)
 
         return run
@@ -660,8 +737,14 @@ class Bootstrap:
 
     def _pretrain(self, data: Path, *, init: str, staging: Path, resuming: bool) -> None:
         sources = [{"path": str(data), "format": "parquet", "captions": "expand"}]
-        config = self._training_yaml("pretrain", self.cfg.pretrain, init=init, sources=sources, out=staging,
-                                     seed=self.cfg.pretrain.train.seed)
+        config = self._training_yaml(
+            "pretrain",
+            self.cfg.pretrain,
+            init=init,
+            sources=sources,
+            out=staging,
+            seed=self.cfg.pretrain.train.seed,
+        )
         self._train("pretrain", config, staging, resuming)
 
     def pretrain_pairs(self, r: int) -> Any:
@@ -708,8 +791,11 @@ class Bootstrap:
 
             data = staging / "data" / "pairs.parquet"
             if not data.is_file():
-                _write_pairs(pa.concat_tables([_human_pairs(self.corpus.human), self.variant_pairs(variant)]), data,
-                             seed=self.cfg.pretrain.train.seed + 1)
+                _write_pairs(
+                    pa.concat_tables([_human_pairs(self.corpus.human), self.variant_pairs(variant)]),
+                    data,
+                    seed=self.cfg.pretrain.train.seed + 1,
+                )
             # Same budget and start as round 1's MED: only the data differs.
             init = "scratch" if self.cfg.from_scratch else str(self.model_dir(0))
             self._pretrain(data, init=init, staging=staging, resuming=resuming)
@@ -722,7 +808,9 @@ class Bootstrap:
         p = self.cfg.pipeline
         c = self.cfg.corpus
         rd = self.round_dir(r)
-        captioners = [str(rd / self.member_name("captioner", i) / "hf") for i in range(self.cfg.ensemble.captioners)]
+        captioners = [
+            str(rd / self.member_name("captioner", i) / "hf") for i in range(self.cfg.ensemble.captioners)
+        ]
         filters = [str(rd / self.member_name("filter", i) / "hf") for i in range(self.cfg.ensemble.filters)]
         models = {"caption": captioners, "filter": filters}
 
@@ -734,9 +822,14 @@ class Bootstrap:
         synthetic = c.synthetic
         keep_cols = ["noise_type", "noisy"] if synthetic else []
         return PipelineConfig(
-            input=InputConfig(path=str(urls), format="parquet", url_col="URL" if synthetic else c.url_col,
-                              text_col="TEXT" if synthetic else c.text_col,
-                              key_col="key" if synthetic else c.key_col, keep_cols=keep_cols),
+            input=InputConfig(
+                path=str(urls),
+                format="parquet",
+                url_col="URL" if synthetic else c.url_col,
+                text_col="TEXT" if synthetic else c.text_col,
+                key_col="key" if synthetic else c.key_col,
+                keep_cols=keep_cols,
+            ),
             download=p.download,
             caption=CaptionConfig(**stage(p.caption, "caption")),
             filter=FilterConfig(**stage(p.filter, "filter")),
@@ -762,8 +855,17 @@ class Bootstrap:
     # ---- evaluation
     def _evaluate_model(self, model: Path) -> dict[str, Any]:
         e = self.cfg.eval
-        return evaluate(model, self.corpus.test, batch_size=e.batch_size, k_test=e.k_test, num_beams=e.num_beams,
-                        max_length=e.max_length, min_length=e.min_length, prompt=e.prompt, limit=e.limit)
+        return evaluate(
+            model,
+            self.corpus.test,
+            batch_size=e.batch_size,
+            k_test=e.k_test,
+            num_beams=e.num_beams,
+            max_length=e.max_length,
+            min_length=e.min_length,
+            prompt=e.prompt,
+            limit=e.limit,
+        )
 
     def _filter_metrics(self, r: int) -> dict[str, Any] | None:
         """Round r's filter judged on the web noise labels, from the scores the pipeline stored."""
@@ -780,19 +882,28 @@ class Bootstrap:
         names = pq.read_schema(files[0]).names
         if not {"noisy", "noise_type"} <= set(names):
             return None
-        rows = [row for f in files
-                for row in pq.read_table(f, columns=["status", "web_itm", "noisy", "noise_type"]).to_pylist()
-                if row["status"] == "ok" and row["web_itm"] is not None and not math.isnan(row["web_itm"])]
+        rows = [
+            row
+            for f in files
+            for row in pq.read_table(f, columns=["status", "web_itm", "noisy", "noise_type"]).to_pylist()
+            if row["status"] == "ok" and row["web_itm"] is not None and not math.isnan(row["web_itm"])
+        ]
         if not rows:
             return None
-        return filter_metrics(np.array([r["web_itm"] for r in rows]), [bool(r["noisy"]) for r in rows],
-                              [r["noise_type"] for r in rows], threshold=self.cfg.pipeline.filter.threshold)
+        return filter_metrics(
+            np.array([r["web_itm"] for r in rows]),
+            [bool(r["noisy"]) for r in rows],
+            [r["noise_type"] for r in rows],
+            threshold=self.cfg.pipeline.filter.threshold,
+        )
 
     def _eval_step(self, r: int) -> Callable[[Path, bool], None]:
         def run(staging: Path, resuming: bool) -> None:
             import pyarrow.parquet as pq
 
-            pairs = pq.read_table(self.round_dir(r) / "pretrain" / "data" / "pairs.parquet", columns=["source"])
+            pairs = pq.read_table(
+                self.round_dir(r) / "pretrain" / "data" / "pairs.parquet", columns=["source"]
+            )
             result = {
                 "round": r,
                 "model": str(self.model_dir(r)),
@@ -900,8 +1011,10 @@ def write_ablation(run_dir: Path, *, raw_from_round0: bool = False) -> tuple[Pat
 
     lines = [f"{'pre-training data':<32} {'pairs':>7} {'TR@1':>6} {'IR@1':>6} {'CIDEr':>6}"]
     for row in rows:
-        lines.append(f"{_ABLATION_LABELS[row['variant']]:<32} {row.get('pairs', 0):>7} {cell(row.get('txt_r1')):>6} "
-                     f"{cell(row.get('img_r1')):>6} {cell(row.get('cider'), 100):>6}")
+        lines.append(
+            f"{_ABLATION_LABELS[row['variant']]:<32} {row.get('pairs', 0):>7} {cell(row.get('txt_r1')):>6} "
+            f"{cell(row.get('img_r1')):>6} {cell(row.get('cider'), 100):>6}"
+        )
     return run_dir / ABLATION_FILE, "\n".join(lines)
 
 
@@ -913,7 +1026,9 @@ def _check_config(run_dir: Path, cfg: BootstrapConfig) -> None:
         old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
         strip = lambda d: {k: v for k, v in d.items() if k not in _FREE_FIELDS}  # noqa: E731
         if strip(old) != strip(new):
-            changed = sorted(k for k in set(old) | set(new) if k not in _FREE_FIELDS and old.get(k) != new.get(k))
+            changed = sorted(
+                k for k in set(old) | set(new) if k not in _FREE_FIELDS and old.get(k) != new.get(k)
+            )
             raise UserError(
                 f"{run_dir}: holds a bootstrap run with a different config ({', '.join(changed)} changed); "
                 "use another --out or delete it"
@@ -958,8 +1073,11 @@ def run_bootstrap(
     steps = boot.steps(rounds=cfg.rounds, ablation=cfg.ablation)
     state = State(run_dir / STATE_FILE)
     started = time.perf_counter()
-    print(f"capfilt bootstrap: {run_dir} ({cfg.rounds} round(s){', ablation' if cfg.ablation else ''}, "
-          f"{len(steps)} steps)", flush=True)
+    print(
+        f"capfilt bootstrap: {run_dir} ({cfg.rounds} round(s){', ablation' if cfg.ablation else ''}, "
+        f"{len(steps)} steps)",
+        flush=True,
+    )
 
     def echo(text: str) -> None:
         print(text, flush=True)

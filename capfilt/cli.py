@@ -110,12 +110,23 @@ def validate(
 @_user_errors
 def synth(
     out: Annotated[Path, typer.Argument(help="Output directory for the synthetic corpus.")],
-    images: Annotated[int, typer.Option(help="Number of web images; human images default to a third of this, test images to a tenth (at least 100).")] = 2000,
+    images: Annotated[
+        int,
+        typer.Option(
+            help="Number of web images; human images default to a third of this, test images to a tenth (at least 100)."
+        ),
+    ] = 2000,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same bytes.")] = 0,
-    noise: Annotated[float, typer.Option(help="Share of noisy web texts (mismatched, junk, wrong attribute).")] = 0.4,
+    noise: Annotated[
+        float, typer.Option(help="Share of noisy web texts (mismatched, junk, wrong attribute).")
+    ] = 0.4,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 96,
-    human: Annotated[int | None, typer.Option(help="Human-captioned images (default: a third of --images).")] = None,
-    test: Annotated[int | None, typer.Option(help="Held-out test images (default: a tenth of --images, >= 100).")] = None,
+    human: Annotated[
+        int | None, typer.Option(help="Human-captioned images (default: a third of --images).")
+    ] = None,
+    test: Annotated[
+        int | None, typer.Option(help="Held-out test images (default: a tenth of --images, >= 100).")
+    ] = None,
 ):
     """Render the procedural image-text world: human, web (with noise labels) and test splits."""
     from capfilt import synth as synthmod
@@ -147,7 +158,9 @@ def train(
     kind: Annotated[str, typer.Argument(help="pretrain (ITC+ITM+LM) | captioner (LM) | filter (ITC+ITM).")],
     config: Annotated[Path, typer.Argument(help="Training YAML.")],
     set_: SetOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in output.dir.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last checkpoint in output.dir.")
+    ] = False,
 ):
     """Pre-train MED or fine-tune a captioner / filter."""
     from capfilt import train as trainmod
@@ -164,9 +177,13 @@ def train(
 def eval_(
     model_path: Annotated[Path, typer.Argument(help="capfilt checkpoint dir or HF BLIP dir.")],
     data: Annotated[Path, typer.Option(help="Test Parquet (image bytes + reference captions).")],
-    filter_data: Annotated[Path | None, typer.Option(help="Web Parquet with noise labels, for filter metrics.")] = None,
+    filter_data: Annotated[
+        Path | None, typer.Option(help="Web Parquet with noise labels, for filter metrics.")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Write the JSON here as well as to stdout.")] = None,
-    k_test: Annotated[int, typer.Option(help="ITM re-ranks the top k of the ITC ranking (BLIP k_test).")] = 128,
+    k_test: Annotated[
+        int, typer.Option(help="ITM re-ranks the top k of the ITC ranking (BLIP k_test).")
+    ] = 128,
     threshold: Annotated[float, typer.Option(help="Filter threshold on the ITM match probability.")] = 0.5,
     limit: Annotated[int | None, typer.Option(help="Evaluate on the first N rows only.")] = None,
 ):
@@ -189,8 +206,12 @@ def eval_(
 @app.command()
 @_user_errors
 def bootstrap(
-    config: Annotated[Path | None, typer.Argument(help="Bootstrap YAML (default: the embedded demo).")] = None,
-    rounds: Annotated[int | None, typer.Option("--rounds", help="Rounds of CapFilt (overrides the config).")] = None,
+    config: Annotated[
+        Path | None, typer.Argument(help="Bootstrap YAML (default: the embedded demo).")
+    ] = None,
+    rounds: Annotated[
+        int | None, typer.Option("--rounds", help="Rounds of CapFilt (overrides the config).")
+    ] = None,
     set_: SetOpt = None,
     ablation: Annotated[
         bool, typer.Option("--ablation", help="Also pre-train on raw / filter-only / captioner-only data.")
@@ -213,9 +234,13 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (capfilt run) or a bootstrap directory.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory for the exported dataset.")],
     format_: Annotated[str, typer.Option("--format", help="webdataset | parquet | jsonl")] = "webdataset",
-    round_: Annotated[int | None, typer.Option("--round", help="Bootstrap round (default: the latest).")] = None,
+    round_: Annotated[
+        int | None, typer.Option("--round", help="Bootstrap round (default: the latest).")
+    ] = None,
     rows_per_shard: Annotated[int, typer.Option(help="Pairs per output shard.")] = 10_000,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing export in --out.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing export in --out.")
+    ] = False,
 ):
     """Export the cleaned pairs (image, text, source, score) with a dataset card."""
     from capfilt import export as exportmod
@@ -231,7 +256,9 @@ def export(
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory or a bootstrap directory.")],
     out: Annotated[Path | None, typer.Option("--out", help="HTML path (default RUN/report.html).")] = None,
-    round_: Annotated[int | None, typer.Option("--round", help="Bootstrap round (default: the latest).")] = None,
+    round_: Annotated[
+        int | None, typer.Option("--round", help="Bootstrap round (default: the latest).")
+    ] = None,
     samples: Annotated[int, typer.Option(help="Example pairs per section.")] = 48,
 ):
     """Write one self-contained HTML report: what was kept, what was removed, and why."""
@@ -249,10 +276,15 @@ def report(
 def model_import(
     out: Annotated[Path, typer.Option("--out", help="capfilt checkpoint directory to write.")],
     captioner: Annotated[Path | None, typer.Option(help="HF BlipForConditionalGeneration dir.")] = None,
-    filter_: Annotated[Path | None, typer.Option("--filter", help="HF BlipForImageTextRetrieval dir.")] = None,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin/.pt weights (unsafe).")] = False,
+    filter_: Annotated[
+        Path | None, typer.Option("--filter", help="HF BlipForImageTextRetrieval dir.")
+    ] = None,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Allow .bin/.pt weights (unsafe).")
+    ] = False,
     itm_enc_token: Annotated[
-        bool, typer.Option("--itm-enc-token/--no-itm-enc-token", help="Insert [ENC] for ITM (BLIP) or not (HF).")
+        bool,
+        typer.Option("--itm-enc-token/--no-itm-enc-token", help="Insert [ENC] for ITM (BLIP) or not (HF)."),
     ] = False,
 ):
     """Import Hugging Face BLIP checkpoints into a capfilt MED checkpoint."""
@@ -293,7 +325,9 @@ def model_export(
 @model_app.command("info")
 @_user_errors
 def model_info(
-    target: Annotated[str, typer.Argument(help="Preset name (tiny, base, large), capfilt checkpoint or HF dir.")],
+    target: Annotated[
+        str, typer.Argument(help="Preset name (tiny, base, large), capfilt checkpoint or HF dir.")
+    ],
 ):
     """Print parameter counts per part of the MED."""
     from capfilt.errors import UserError

@@ -340,6 +340,11 @@ class FilterConfig(_ModelStage):
     itc_column: bool = Field(
         default=False, description="Also write ITC similarities (web_itc, synthetic_itc)."
     )
+    fused: bool = Field(
+        default=False,
+        description="Run the filter inside the caption actors (one pool, caption's num_gpus/concurrency): "
+        "pixels cross the object store once and there is no caption:filter GPU ratio to tune.",
+    )
 
 
 class ClipConfig(_Section):

@@ -285,21 +285,6 @@ def write_json(result: Mapping[str, Any], path: str | Path) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when available, else CPU; anything else is passed to torch."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise UserError(f"device: {device!r} is not a torch device ({exc})") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device: {device!r} asked for, but CUDA is not available")
-    return resolved
-
-
 def _to_pil(image: bytes | Image.Image | Mapping[str, Any], index: int) -> Image.Image:
     """Decode one image (encoded bytes, a PIL image, or a datasets-style {"bytes": ...} dict)."""
     from PIL import Image, UnidentifiedImageError
@@ -322,23 +307,21 @@ def _to_pil(image: bytes | Image.Image | Mapping[str, Any], index: int) -> Image
 def preprocess(
     images: Sequence[bytes | Image.Image], image_size: int, *, first_index: int = 0
 ) -> torch.Tensor:
-    """Decode and apply BLIP's evaluation transform: RGB, bicubic resize to a square, normalise.
+    """Decode and apply BLIP's test transform: RGB, bicubic squash to a square, normalise.
 
-    Returns float32 pixel values (B, 3, image_size, image_size). The transform itself is the
-    trainer's eval transform (``model.data.ImageTransform(train=False)``: BLIP's test transform,
-    mean/std of CLIP), so evaluation sees exactly what training validated on. ``first_index``
-    is the position of ``images[0]`` in the whole data set, for error messages.
+    Returns float32 pixel values (B, 3, image_size, image_size), prepared exactly as the
+    pipeline's caption and filter stages prepare theirs (``capfilt.inference.decode_image`` and
+    ``pixel_values``). ``first_index`` is the position of ``images[0]`` in the whole data set,
+    for error messages.
     """
     import torch
 
-    from model.data import ImageTransform
+    from capfilt.inference import decode_image, pixel_values
 
-    transform = ImageTransform(image_size=image_size, train=False)
-    rng = np.random.default_rng(0)  # unused by the eval transform, which is deterministic
-    tensors = [transform(_to_pil(im, first_index + i), rng=rng) for i, im in enumerate(images)]
-    if not tensors:
+    if not images:
         return torch.empty(0, 3, image_size, image_size)
-    return torch.stack(tensors)
+    pixels = np.stack([decode_image(_to_pil(im, first_index + i), image_size) for i, im in enumerate(images)])
+    return pixel_values(pixels, device=torch.device("cpu"), dtype=torch.float32)
 
 
 def _progress(iterable: Any, desc: str, total: int | None = None) -> Any:
@@ -387,14 +370,9 @@ def _pixel_batches(
 
 def _tokenize(tokenizer: Any, texts: Sequence[str], max_length: int = RETRIEVAL_MAX_TOKENS) -> dict[str, Any]:
     """[CLS] text [SEP], padded to the longest, truncated as BLIP does for retrieval (35 tokens)."""
-    enc = tokenizer(
-        [str(t) for t in texts],
-        padding="longest",
-        truncation=True,
-        max_length=max_length,
-        return_tensors="pt",
-    )
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    from capfilt.inference import tokenize
+
+    return tokenize(tokenizer, texts, max_length)
 
 
 def _itm_match_logits(
@@ -411,7 +389,9 @@ def _itm_match_logits(
 
     ``image_embeds`` may live in host memory (:func:`_embed_store_device`); each batch is moved to
     the model's device and its padding trimmed to its longest text, so long texts elsewhere in
-    the set do not slow every batch down.
+    the set do not slow every batch down. Each distinct image of a batch has its cross-attention
+    keys/values computed once for all of its pairs (``MED.image_context``): image->text
+    re-ranking scores k texts per image.
     """
     import torch
 
@@ -423,8 +403,10 @@ def _itm_match_logits(
         tt = txt_idx[start : start + batch_size]
         mask = attention_mask[tt]
         width = int(mask.sum(dim=1).max())
+        used, local = torch.unique(ii, return_inverse=True)
+        image = med.image_context(image_embeds[used].to(device), local.to(device))
         logits = med.itm_logits(
-            image_embeds[ii].to(device), input_ids[tt, :width].to(device), mask[:, :width].to(device)
+            None, input_ids[tt, :width].to(device), mask[:, :width].to(device), image=image
         )
         out.append(logits.float().cpu())
     return torch.cat(out) if out else torch.empty(0, 2)
@@ -558,10 +540,9 @@ def score_retrieval(
 
 
 def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """The prompt's word-piece ids without special tokens, as ``MED.generate`` takes them (it puts
-    [DEC] in front itself). BLIP's "a picture of " keeps its trailing space only in the text."""
-    prompt = prompt.strip()
-    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
+    from capfilt.inference import prompt_ids
+
+    return prompt_ids(tokenizer, prompt)
 
 
 def generate_captions(
@@ -608,7 +589,7 @@ def itm_match_probs(
     batch_size: int = 64,
 ) -> np.ndarray:
     """ITM softmax probability of "match" for each (image i, text i) pair: CapFilt's filter score."""
-    import torch
+    from capfilt.inference import itm_scores
 
     if len(images) != len(texts):
         raise ValueError(f"{len(images)} images but {len(texts)} texts")
@@ -620,13 +601,10 @@ def itm_match_probs(
             _pixel_batches(images, _image_size(med), batch_size, "ITM filter"),
             strict=True,
         ):
-            tok = _tokenize(tokenizer, texts[start : start + batch_size])
-            logits = med.itm_logits(
-                med.encode_image(pixels.to(device)),
-                tok["input_ids"].to(device),
-                tok["attention_mask"].to(device),
-            )
-            probs.append(torch.softmax(logits.float(), dim=-1)[:, 1].cpu().numpy())
+            chunk = texts[start : start + batch_size]
+            embeds = med.encode_image(pixels.to(device))
+            itm, _ = itm_scores(med, tokenizer, embeds, chunk, range(len(chunk)), batch_size=batch_size)
+            probs.append(itm.numpy())
     return np.concatenate(probs) if probs else np.empty(0)
 
 
@@ -693,6 +671,8 @@ def evaluate(
             raise UserError(f"{name} must be >= 1, got {value}")
     if not 0.0 <= threshold <= 1.0:
         raise UserError(f"threshold must be within [0, 1], got {threshold}")
+    from capfilt.inference import resolve_device
+
     torch_device = resolve_device(device)
     data = _read_parquet(data_path, ("image", "captions"), limit, "data")
     web = (
@@ -701,11 +681,13 @@ def evaluate(
         else None
     )
 
+    from capfilt.inference import is_hub_id, resolve_model
     from model.hf import load_any
 
-    # load_any also takes a hub id ("owner/name") the user named; it reports a missing path.
+    # A hub id ("owner/name") is fetched as the pipeline fetches it; load_any reports a missing path.
     try:
-        med, tokenizer = load_any(model_path)
+        source = resolve_model(str(model_path)) if is_hub_id(str(model_path)) else model_path
+        med, tokenizer = load_any(source)
     except (ValueError, FileNotFoundError) as exc:  # CheckpointError is a ValueError
         raise UserError(f"model: {exc}") from exc
     if tokenizer is None:

@@ -79,7 +79,7 @@ CPUS_CPU_RUN = {
 COMMIT_RETRIES = 3
 """Ray retries of a shard's commit task and of a row-counting task (both idempotent)."""
 
-RESOURCE_FIELDS = {"batch_size", "concurrency", "num_gpus", "threads"}
+RESOURCE_FIELDS = {"batch_size", "concurrency", "num_gpus", "threads", "fused"}
 """Config fields that change how fast a run goes but not what it writes (free to change on resume)."""
 
 
@@ -228,6 +228,7 @@ def make_plan(cfg: PipelineConfig) -> Plan:
     if cfg.filter is not None:
         f = cfg.filter
         stages.append(_model_stage("filter", f, cpus=cpus["model"], dtype_note=f"; threshold {f.threshold}"))
+    stages = _fuse_caption_filter(cfg, stages)
     if cfg.clip is not None:
         stages.append(
             _model_stage("clip", cfg.clip, cpus=cpus["model"], dtype_note=f"; threshold {cfg.clip.threshold}")
@@ -272,6 +273,29 @@ def make_plan(cfg: PipelineConfig) -> Plan:
         ray_address=cfg.ray.address,
         stages=stages,
     )
+
+
+def _fuse_caption_filter(cfg: PipelineConfig, stages: list[StagePlan]) -> list[StagePlan]:
+    """With ``filter.fused``: the caption and filter stages become one ``caption+filter`` actor
+    pool (capfilt/stages/fused.py) sized by the caption section's resources."""
+    if cfg.filter is None or not cfg.filter.fused:
+        return stages
+    if cfg.caption is None:
+        raise UserError("filter.fused: needs a caption section (the fused stage captions, then filters)")
+    by_name = {s.name: s for s in stages}
+    c, f = by_name["caption"], by_name["filter"]
+    fused = StagePlan(
+        name="fused",
+        kind="actors",
+        batch_size=c.batch_size,
+        num_cpus=c.num_cpus,
+        num_gpus=c.num_gpus,
+        concurrency=c.concurrency,
+        models=c.models + f.models,
+        note=f"caption then filter in one actor (filter micro-batch {cfg.filter.batch_size}); "
+        f"caption: {c.note}; filter: {f.note}",
+    )
+    return [s for s in stages if s.name not in ("caption", "filter")] + [fused]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -424,10 +448,12 @@ def _download_batch(batch: dict[str, np.ndarray], *, cfg: Any) -> dict[str, np.n
     return Downloader(cfg=cfg)(batch)
 
 
-def _preprocess_batch(batch: dict[str, np.ndarray], *, sizes: list[int]) -> dict[str, np.ndarray]:
+def _preprocess_batch(
+    batch: dict[str, np.ndarray], *, sizes: list[int], resize_mode: str | None = None
+) -> dict[str, np.ndarray]:
     from capfilt.stages.caption import preprocess
 
-    return preprocess(batch, sizes=sizes)
+    return preprocess(batch, sizes=sizes, resize_mode=resize_mode)
 
 
 def _stage_stats(ds: Any) -> list[dict[str, Any]]:
@@ -610,11 +636,26 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDi
         drop = [pixel_column(s) for s in sizes]
         pre = stages["preprocess"]
         ds = ds.map_batches(
-            _preprocess_batch, fn_kwargs={"sizes": sizes}, batch_size=pre.batch_size, num_cpus=pre.num_cpus
+            _preprocess_batch,
+            fn_kwargs={"sizes": sizes, "resize_mode": cfg.download.resize_mode},
+            batch_size=pre.batch_size,
+            num_cpus=pre.num_cpus,
         )
     # The last model stage drops the pixel columns: past it only image bytes, texts and scores travel.
     last_model = "filter" if cfg.filter is not None else "caption"
-    if cfg.caption is not None:
+    if "fused" in stages:
+        from capfilt.stages.fused import CaptionFilter
+
+        s = stages["fused"]
+        ds = ds.map_batches(
+            _dropping(CaptionFilter, drop),
+            fn_constructor_kwargs={"caption": cfg.caption, "filter": cfg.filter},
+            compute=ray.data.ActorPoolStrategy(size=s.concurrency),
+            batch_size=s.batch_size,
+            num_cpus=s.num_cpus,
+            num_gpus=s.num_gpus,
+        )
+    elif cfg.caption is not None:
         from capfilt.stages.caption import Captioner
 
         s = stages["caption"]
@@ -626,7 +667,7 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDi
             num_cpus=s.num_cpus,
             num_gpus=s.num_gpus,
         )
-    if cfg.filter is not None:
+    if cfg.filter is not None and "fused" not in stages:
         from capfilt.stages.filter import Filter
 
         s = stages["filter"]

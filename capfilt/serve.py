@@ -123,8 +123,15 @@ class LoopbackHandler(BaseHTTPRequestHandler):
 
     # ---- replying ---------------------------------------------------------------------------------
 
-    def reply(self, status: int, body: bytes = b"", *, content_type: str = "text/plain; charset=utf-8",
-              headers: Mapping[str, str] | None = None, content_length: int | None = None) -> None:
+    def reply(
+        self,
+        status: int,
+        body: bytes = b"",
+        *,
+        content_type: str = "text/plain; charset=utf-8",
+        headers: Mapping[str, str] | None = None,
+        content_length: int | None = None,
+    ) -> None:
         """Send a whole response; HEAD gets the same headers and no body.
 
         ``content_length`` overrides the announced length (``/cut`` lies with it).
@@ -192,7 +199,7 @@ class LoopbackHandler(BaseHTTPRequestHandler):
     def _file_body(self, rest: str) -> tuple[bytes, str] | None:
         """Body and content type of what ``rest`` names (a file or a /gen image), None if absent."""
         if rest.startswith("gen/"):
-            return _generated_image(rest[len("gen/"):])
+            return _generated_image(rest[len("gen/") :])
         try:
             target = self._resolve(rest)
         except _Forbidden:
@@ -371,8 +378,9 @@ class LoopbackServer:
     ``with`` block wakes sleeping ``/slow`` handlers, stops the server and joins all its threads.
     """
 
-    def __init__(self, *, directory: Path | str, port: int = 0, routes: Mapping[str, Route] | None = None
-                 ) -> None:
+    def __init__(
+        self, *, directory: Path | str, port: int = 0, routes: Mapping[str, Route] | None = None
+    ) -> None:
         root = Path(directory)
         if not root.is_dir():
             raise UserError(f"directory: {root} is not a directory")
@@ -407,8 +415,12 @@ class LoopbackServer:
     def start(self) -> LoopbackServer:
         if self._thread is not None:
             raise RuntimeError("server already started")
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"capfilt-serve-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"capfilt-serve-{self.port}",
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -424,14 +436,16 @@ class LoopbackServer:
     def __enter__(self) -> LoopbackServer:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
 @contextmanager
-def serve_directory(directory: Path | str, *, port: int = 0,
-                    routes: Mapping[str, Route] | None = None) -> Iterator[str]:
+def serve_directory(
+    directory: Path | str, *, port: int = 0, routes: Mapping[str, Route] | None = None
+) -> Iterator[str]:
     """Serve ``directory`` on 127.0.0.1 for the ``with`` block; yields the base URL (no trailing /).
 
     ``with serve_directory(corpus) as base_url: url_list(corpus, base_url)`` is how the demo turns a

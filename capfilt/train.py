@@ -58,7 +58,8 @@ class ModelSection(_Section):
     filter: str | None = Field(default=None, description="HF BLIP retrieval dir to import (with captioner).")
     vocab_size: int = Field(default=4000, ge=16, description="WordPiece vocabulary size for init: scratch.")
     overrides: dict[str, Any] = Field(
-        default_factory=dict, description="MEDConfig fields changed for init: scratch, e.g. {queue_size: 512}."
+        default_factory=dict,
+        description="MEDConfig fields changed for init: scratch, e.g. {queue_size: 512}.",
     )
 
     @model_validator(mode="after")
@@ -97,7 +98,9 @@ class DataSection(_Section):
     image_size: int | None = Field(default=None, ge=8, description="None: the model's image_size.")
     augment: AugmentSection = Field(default_factory=AugmentSection)
     max_length: int = Field(default=35, ge=4, description="Token limit per text (prompt included).")
-    prompt: str | None = Field(default=None, description="None: the model's prompt for captioner, none otherwise.")
+    prompt: str | None = Field(
+        default=None, description="None: the model's prompt for captioner, none otherwise."
+    )
     num_workers: int = Field(default=2, ge=0)
 
 
@@ -120,7 +123,9 @@ class OptimSection(_Section):
 
 class TrainSection(_Section):
     steps: int = Field(default=1000, ge=1)
-    batch_size: int = Field(default=32, ge=1, description="Per process; the ITC queue must divide by the global batch.")
+    batch_size: int = Field(
+        default=32, ge=1, description="Per process; the ITC queue must divide by the global batch."
+    )
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 0
     deterministic: bool = False
@@ -128,7 +133,9 @@ class TrainSection(_Section):
     keep_last: int = Field(default=2, ge=1)
     log_every: int = Field(default=10, ge=1)
     alpha_ramp_steps: int | None = Field(
-        default=None, ge=1, description="Steps of the linear ITC distillation ramp; None: one pass over the data."
+        default=None,
+        ge=1,
+        description="Steps of the linear ITC distillation ramp; None: one pass over the data.",
     )
     progress: bool = True
 
@@ -151,8 +158,11 @@ def _load_sources(data: DataSection) -> list[Source]:
     sources = []
     for i, spec in enumerate(data.sources):
         try:
-            sources.append(load_source(SourceSpec(path=spec.path, format=spec.format, weight=spec.weight,
-                                                  captions=spec.captions)))
+            sources.append(
+                load_source(
+                    SourceSpec(path=spec.path, format=spec.format, weight=spec.weight, captions=spec.captions)
+                )
+            )
         except (FileNotFoundError, ValueError, OSError) as err:
             raise UserError(f"data.sources[{i}].path: {err}") from None
     if sum(spec.weight for spec in data.sources) <= 0:
@@ -212,15 +222,17 @@ def _build_model(cfg: TrainingConfig, sources: list[Source], resume_from: Path |
     return med, tokenizer
 
 
-def _steps_per_epoch(sources: list[Source], data: DataSection, train: TrainSection, optim: OptimSection,
-                     world_size: int) -> int:
+def _steps_per_epoch(
+    sources: list[Source], data: DataSection, train: TrainSection, optim: OptimSection, world_size: int
+) -> int:
     """Optimizer steps for one pass over the (weighted) data: BLIP ramps alpha over epoch 0."""
     items = sum(len(s) for s, spec in zip(sources, data.sources, strict=True) if spec.weight > 0)
     return max(1, math.ceil(items / (train.batch_size * optim.grad_accum * world_size)))
 
 
-def run_training(kind: str, config_path: str | Path, overrides: list[str] | tuple[str, ...] = (),
-                 resume: bool = False) -> Path:
+def run_training(
+    kind: str, config_path: str | Path, overrides: list[str] | tuple[str, ...] = (), resume: bool = False
+) -> Path:
     """Train a MED as ``kind`` (pretrain | captioner | filter) from a YAML config; returns ``output.dir``.
 
     ``overrides`` are ``--set section.key=value`` strings. Raises :class:`UserError` (one line) for a
@@ -234,14 +246,18 @@ def run_training(kind: str, config_path: str | Path, overrides: list[str] | tupl
     out_dir = Path(cfg.output.dir)
     existing = list_checkpoints(out_dir)
     if existing and not resume:
-        raise UserError(f"output.dir: {out_dir} already holds checkpoints; pass --resume or choose another dir")
+        raise UserError(
+            f"output.dir: {out_dir} already holds checkpoints; pass --resume or choose another dir"
+        )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     sources = _load_sources(cfg.data)
     med, tokenizer = _build_model(cfg, sources, existing[-1] if existing else None)
 
     image_size = cfg.data.image_size or med.config.image_size
     if image_size != med.config.image_size:
-        raise UserError(f"data.image_size: {image_size} differs from the model's image_size {med.config.image_size}")
+        raise UserError(
+            f"data.image_size: {image_size} differs from the model's image_size {med.config.image_size}"
+        )
     global_batch = cfg.train.batch_size * world_size
     if "itc" in losses and med.config.queue_size % global_batch:
         raise UserError(
@@ -253,9 +269,16 @@ def run_training(kind: str, config_path: str | Path, overrides: list[str] | tupl
             f"data.max_length: {cfg.data.max_length} exceeds the model's max_position_embeddings "
             f"{med.config.max_position_embeddings}"
         )
-    prompt = cfg.data.prompt if cfg.data.prompt is not None else (med.config.prompt if kind == "captioner" else None)
+    prompt = (
+        cfg.data.prompt
+        if cfg.data.prompt is not None
+        else (med.config.prompt if kind == "captioner" else None)
+    )
     data_config = DataConfig(
-        sources=[SourceSpec(path=s.path, format=s.format, weight=s.weight, captions=s.captions) for s in cfg.data.sources],
+        sources=[
+            SourceSpec(path=s.path, format=s.format, weight=s.weight, captions=s.captions)
+            for s in cfg.data.sources
+        ],
         batch_size=cfg.train.batch_size,
         image_size=image_size,
         max_length=cfg.data.max_length,
@@ -267,16 +290,22 @@ def run_training(kind: str, config_path: str | Path, overrides: list[str] | tupl
     )
 
     def loader_fn(*, start: int, rank: int, world_size: int):
-        return build_loader(data_config, tokenizer=tokenizer, sources=sources, start=start, rank=rank,
-                            world_size=world_size)
+        return build_loader(
+            data_config, tokenizer=tokenizer, sources=sources, start=start, rank=rank, world_size=world_size
+        )
 
     ramp = cfg.train.alpha_ramp_steps or _steps_per_epoch(sources, cfg.data, cfg.train, cfg.optim, world_size)
 
     def step_fn(model: torch.nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         alpha = alpha_ramp(step, ramp, med.config.alpha) if "itc" in losses else None
         return model(
-            batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-            image_ids=batch["image_ids"], alpha=alpha, losses=losses, prompt_length=batch["prompt_length"],
+            batch["pixel_values"],
+            batch["input_ids"],
+            batch["attention_mask"],
+            image_ids=batch["image_ids"],
+            alpha=alpha,
+            losses=losses,
+            prompt_length=batch["prompt_length"],
         )
 
     def save_model_fn(model: torch.nn.Module, directory: Path) -> None:
@@ -303,8 +332,9 @@ def run_training(kind: str, config_path: str | Path, overrides: list[str] | tupl
         progress=cfg.train.progress,
         ddp_find_unused_parameters=kind != "pretrain",  # LM-only / ITC+ITM steps leave heads unused
     )
-    trainer = Trainer(model=med, loader_fn=loader_fn, config=train_config, step_fn=step_fn,
-                      save_model_fn=save_model_fn)
+    trainer = Trainer(
+        model=med, loader_fn=loader_fn, config=train_config, step_fn=step_fn, save_model_fn=save_model_fn
+    )
     if trainer.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump(cfg), encoding="utf-8")

@@ -100,12 +100,16 @@ class MEDConfig:
         if self.image_size % self.patch_size:
             problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.vision_width % self.vision_heads:
-            problems.append(f"vision_width {self.vision_width} is not divisible by vision_heads {self.vision_heads}")
+            problems.append(
+                f"vision_width {self.vision_width} is not divisible by vision_heads {self.vision_heads}"
+            )
         if self.text_width % self.text_heads:
             problems.append(f"text_width {self.text_width} is not divisible by text_heads {self.text_heads}")
         for name in ("pad_token_id", "cls_token_id", "sep_token_id", "bos_token_id", "enc_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
-                problems.append(f"{name} {getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})")
+                problems.append(
+                    f"{name} {getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})"
+                )
         if self.queue_size < 0:
             problems.append(f"queue_size must be >= 0, got {self.queue_size}")
         if not 0.0 <= self.momentum < 1.0:
@@ -270,29 +274,123 @@ class VisionTransformer(nn.Module):
 
 @dataclass
 class KVCache:
-    """Keys/values of one attention block, (B, H, L, d) each; None until first filled."""
+    """Self-attention keys/values of one layer, (B, H, L, d) each; None until first filled.
+
+    With ``capacity`` the buffers are allocated once for ``capacity`` positions and each step
+    writes its keys/values in place (no concatenation per token); without it they grow by
+    concatenation (beam search, which reorders rows every step anyway).
+    """
 
     k: Tensor | None = None
     v: Tensor | None = None
+    length: int = 0
+    capacity: int | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add the new positions; returns the keys/values of every position so far."""
+        n = k.shape[2]
+        if self.capacity is None:
+            self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+            self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+            self.length += n
+            return self.k, self.v
+        if self.k is None or self.v is None:
+            shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        if self.length + n > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} positions cannot take {self.length + n}")
+        self.k[:, :, self.length : self.length + n] = k
+        self.v[:, :, self.length : self.length + n] = v
+        self.length += n
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
     def select(self, index: Tensor) -> None:
-        """Keep rows ``index`` (beam search reorders the surviving beams)."""
+        """Keep rows ``index`` (beam search reorders beams; sampling drops finished rows)."""
         if self.k is not None and self.v is not None:
             self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
 
 @dataclass
-class LayerCache:
-    """Per-layer decoder cache: growing self-attention K/V, fixed cross-attention K/V of the image."""
+class ImageContext:
+    """Cross-attention keys/values computed ONCE per image, and which image each text row reads.
 
-    self_kv: KVCache = dataclasses.field(default_factory=KVCache)
-    cross_kv: KVCache = dataclasses.field(default_factory=KVCache)
+    ``kv[i]`` holds layer i's keys and values of the image tokens, (I, H, N, d) each, for I
+    images. Text row r attends to image ``row_image[r]``; the rows of one image are packed into
+    slots ``row_slot`` (0 .. ``group``-1) so that one attention call per image serves all of
+    its rows: the queries become (I, H, group * L, d) against the image's (I, H, N, d) keys.
+    That is exact because cross-attention has no mask (every image token is valid and every
+    query is independent), and it replaces the K projections and K copies of an image's keys
+    and values that repeating the image embeddings per row would cost (K captions while
+    decoding, K + 1 texts in ITM). ``packed``: the rows are exactly image-major full groups
+    (row r = image r // group), so no scatter/gather is needed.
+    """
+
+    kv: list[tuple[Tensor, Tensor]]
+    row_image: Tensor
+    row_slot: Tensor
+    group: int
+    packed: bool
+
+    @property
+    def num_images(self) -> int:
+        return self.kv[0][0].shape[0] if self.kv else 0
+
+    def select_rows(self, index: Tensor) -> ImageContext:
+        """The context of rows ``index`` only; images no row reads any more are dropped once
+        they are at least half of them (one copy of the survivors' keys and values)."""
+        row_image = self.row_image.index_select(0, index)
+        row_slot = self.row_slot.index_select(0, index)
+        kv = self.kv
+        used = torch.unique(row_image)
+        if used.numel() * 2 <= self.num_images:
+            remap = torch.full((self.num_images,), -1, dtype=torch.long, device=row_image.device)
+            remap[used] = torch.arange(used.numel(), device=row_image.device)
+            row_image = remap[row_image]
+            kv = [(k.index_select(0, used), v.index_select(0, used)) for k, v in kv]
+        return ImageContext(kv=kv, row_image=row_image, row_slot=row_slot, group=self.group, packed=False)
+
+    def attend(self, q: Tensor, layer: int) -> Tensor:
+        """Cross-attention of queries (R, H, L, d) to their rows' images -> (R, H, L, d)."""
+        k, v = self.kv[layer]
+        rows, heads, length, dim = q.shape
+        images, group = k.shape[0], self.group
+        if self.packed:
+            grouped = q.view(images, group, heads, length, dim)
+        else:
+            grouped = q.new_zeros(images, group, heads, length, dim)
+            grouped[self.row_image, self.row_slot] = q
+        grouped = grouped.permute(0, 2, 1, 3, 4).reshape(images, heads, group * length, dim)
+        out = F.scaled_dot_product_attention(grouped, k, v)
+        out = out.view(images, heads, group, length, dim).permute(0, 2, 1, 3, 4)
+        if self.packed:
+            return out.reshape(rows, heads, length, dim)
+        return out[self.row_image, self.row_slot]
+
+
+def image_row_slots(row_image: Tensor, num_images: int) -> tuple[Tensor, int, bool]:
+    """Slot of each row among its image's rows (in row order), the largest group, and whether
+    the rows are image-major full groups (``row_image == arange(I).repeat_interleave(group)``)."""
+    rows = row_image.numel()
+    if rows == 0:
+        return row_image.clone(), 1, False
+    order = torch.argsort(row_image, stable=True)
+    counts = torch.bincount(row_image, minlength=num_images)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(row_image)
+    slot[order] = torch.arange(rows, device=row_image.device) - starts[row_image[order]]
+    group = int(counts.max())
+    packed = rows == num_images * group and bool(
+        torch.equal(row_image, torch.arange(num_images, device=row_image.device).repeat_interleave(group))
+    )
+    return slot, group, packed
 
 
 class TextEmbeddings(nn.Module):
     def __init__(self, *, config: MEDConfig) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.text_width, padding_idx=config.pad_token_id)
+        self.word_embeddings = nn.Embedding(
+            config.vocab_size, config.text_width, padding_idx=config.pad_token_id
+        )
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.text_width)
         self.LayerNorm = nn.LayerNorm(config.text_width, eps=config.text_eps)
 
@@ -318,27 +416,35 @@ class TextSelfAttention(nn.Module):
         self.value = nn.Linear(kv_width, config.text_width)
 
     def forward(
-        self, x: Tensor, mask: Tensor | None, *, context: Tensor | None = None, cache: KVCache | None = None
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        *,
+        context: Tensor | None = None,
+        cache: KVCache | None = None,
+        image: ImageContext | None = None,
+        layer: int = 0,
     ) -> Tensor:
+        """Self-attention (keys from ``x``, optionally cached), or cross-attention to ``context``
+        (image embeddings, one per row) or to ``image`` (keys/values computed once per image)."""
         q = _split_heads(self.query(x), self.heads)
-        if context is not None or (cache is not None and cache.k is not None and cache.v is not None):
-            # Cross-attention: image keys/values are computed once per generate() call.
-            if cache is not None and cache.k is not None and cache.v is not None:
-                k, v = cache.k, cache.v
-            else:
-                assert context is not None
-                k = _split_heads(self.key(context), self.heads)
-                v = _split_heads(self.value(context), self.heads)
-                if cache is not None:
-                    cache.k, cache.v = k, v
+        if image is not None:
+            return _merge_heads(image.attend(q, layer))
+        if context is not None:
+            k = _split_heads(self.key(context), self.heads)
+            v = _split_heads(self.value(context), self.heads)
         else:
             k = _split_heads(self.key(x), self.heads)
             v = _split_heads(self.value(x), self.heads)
             if cache is not None:
-                cache.k = k if cache.k is None else torch.cat([cache.k, k], dim=2)
-                cache.v = v if cache.v is None else torch.cat([cache.v, v], dim=2)
-                k, v = cache.k, cache.v
+                k, v = cache.append(k, v)
         return _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+    def image_kv(self, image_embeds: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of image tokens (I, N, Dv) -> (I, H, N, d) each (cross-attention only)."""
+        return _split_heads(self.key(image_embeds), self.heads), _split_heads(
+            self.value(image_embeds), self.heads
+        )
 
 
 class TextSelfOutput(nn.Module):
@@ -360,9 +466,16 @@ class TextAttention(nn.Module):
         self.output = TextSelfOutput(config=config)
 
     def forward(
-        self, x: Tensor, mask: Tensor | None, *, context: Tensor | None = None, cache: KVCache | None = None
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        *,
+        context: Tensor | None = None,
+        cache: KVCache | None = None,
+        image: ImageContext | None = None,
+        layer: int = 0,
     ) -> Tensor:
-        return self.output(self.self(x, mask, context=context, cache=cache), x)
+        return self.output(self.self(x, mask, context=context, cache=cache, image=image, layer=layer), x)
 
 
 class TextIntermediate(nn.Module):
@@ -409,15 +522,16 @@ class TextLayer(nn.Module):
         mask: Tensor | None,
         *,
         image_embeds: Tensor | None = None,
-        cache: LayerCache | None = None,
+        cache: KVCache | None = None,
+        image: ImageContext | None = None,
+        layer: int = 0,
     ) -> Tensor:
-        x = self.attention(x, mask, cache=cache.self_kv if cache is not None else None)
-        has_cross_cache = cache is not None and cache.cross_kv.k is not None
-        if image_embeds is not None or has_cross_cache:
+        x = self.attention(x, mask, cache=cache)
+        if image is not None:
+            x = self.crossattention(x, None, image=image, layer=layer)
+        elif image_embeds is not None:
             # All image tokens are valid, so cross-attention needs no mask.
-            x = self.crossattention(
-                x, None, context=image_embeds, cache=cache.cross_kv if cache is not None else None
-            )
+            x = self.crossattention(x, None, context=image_embeds)
         return self.output(self.intermediate(x), x)
 
 
@@ -449,20 +563,24 @@ class TextModel(nn.Module):
         *,
         image_embeds: Tensor | None = None,
         causal: bool = False,
-        cache: list[LayerCache] | None = None,
+        cache: list[KVCache] | None = None,
         past_length: int = 0,
+        image: ImageContext | None = None,
     ) -> Tensor:
         """Encode ``input_ids``; with ``cache`` the ids continue a sequence of ``past_length`` tokens.
 
         With a cache every earlier token is valid (generation never pads the prompt), so the
-        mask only needs causality within the new tokens.
+        mask only needs causality within the new tokens. The image is given either as
+        ``image_embeds`` (one per row) or as ``image`` (an :class:`ImageContext`).
         """
         x = self.embeddings(input_ids, past_length)
         b, n = input_ids.shape
         keep: Tensor | None = None
         if attention_mask is not None:
             if attention_mask.shape != (b, past_length + n):
-                raise ValueError(f"attention_mask must be {(b, past_length + n)}, got {tuple(attention_mask.shape)}")
+                raise ValueError(
+                    f"attention_mask must be {(b, past_length + n)}, got {tuple(attention_mask.shape)}"
+                )
             keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Lk)
         if causal and n > 1:
             q_pos = torch.arange(past_length, past_length + n, device=input_ids.device)
@@ -471,7 +589,14 @@ class TextModel(nn.Module):
             keep = causal_keep if keep is None else keep & causal_keep
         mask = _additive_mask(keep, x.dtype) if keep is not None else None
         for i, layer in enumerate(self.encoder.layer):
-            x = layer(x, mask, image_embeds=image_embeds, cache=cache[i] if cache is not None else None)
+            x = layer(
+                x,
+                mask,
+                image_embeds=image_embeds,
+                cache=cache[i] if cache is not None else None,
+                image=image,
+                layer=i,
+            )
         return x
 
 
@@ -526,11 +651,18 @@ class TextDecoder(nn.Module):
         attention_mask: Tensor | None,
         image_embeds: Tensor | None,
         *,
-        cache: list[LayerCache] | None = None,
+        cache: list[KVCache] | None = None,
         past_length: int = 0,
+        image: ImageContext | None = None,
     ) -> Tensor:
         hidden = self.bert(
-            input_ids, attention_mask, image_embeds=image_embeds, causal=True, cache=cache, past_length=past_length
+            input_ids,
+            attention_mask,
+            image_embeds=image_embeds,
+            causal=True,
+            cache=cache,
+            past_length=past_length,
+            image=image,
         )
         return self.cls(hidden)
 
@@ -577,9 +709,60 @@ def counter_uniform(seeds: Tensor, caption_index: Tensor, step: int) -> Tensor:
 def _top_p_sorted(probs: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
     """Sort probabilities descending and zero all but the smallest prefix with mass >= top_p."""
     sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True, stable=True)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # the top token always stays
+    sorted_probs = sorted_probs.masked_fill(
+        ~_top_p_mask(sorted_probs, top_p), 0.0
+    )  # the top token always stays
     return sorted_probs, sorted_ids
+
+
+NUCLEUS_CANDIDATES = 64
+"""Tokens considered before falling back to sorting the whole vocabulary (see _nucleus_sample)."""
+
+
+def _nucleus_sample(probs: Tensor, top_p: float, u: Tensor, candidates: int = NUCLEUS_CANDIDATES) -> Tensor:
+    """One token per row from the top-p nucleus, driven by uniforms ``u`` (R,) in [0, 1).
+
+    The same token as sorting the whole vocabulary (:func:`_top_p_sorted`) and inverting the
+    nucleus' CDF, without the sort: the ``candidates`` most probable tokens are taken with
+    ``topk`` and put in the full sort's order (probability descending, ties by token id), so
+    their running mass is the full sort's prefix. A row whose nucleus ends strictly inside the
+    candidates (the last candidate is already outside it, and no token outside the candidates
+    ties a kept probability) has exactly the full sort's nucleus; the other rows (a flat
+    distribution) fall back to the full sort.
+    """
+    rows, vocab = probs.shape
+    if candidates >= vocab:
+        return _pick_from_sorted(*_top_p_sorted(probs, top_p), u)
+    values, ids = probs.topk(candidates, dim=-1)
+    ids, by_id = ids.sort(dim=-1)
+    values, order = values.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+    ids = ids.gather(1, order)
+    kept = _top_p_mask(values, top_p)
+    smallest_kept = values.masked_fill(~kept, math.inf).amin(dim=-1)
+    exact = ~kept[:, -1] & (smallest_kept > values[:, -1])
+    token = _pick_from_sorted(values.masked_fill(~kept, 0.0), ids, u)
+    if not bool(exact.all()):
+        redo = (~exact).nonzero().squeeze(1)
+        token[redo] = _pick_from_sorted(
+            *_top_p_sorted(probs.index_select(0, redo), top_p), u.index_select(0, redo)
+        )
+    return token
+
+
+def _top_p_mask(sorted_probs: Tensor, top_p: float) -> Tensor:
+    """Which sorted positions are in the nucleus: the mass before them is below ``top_p``."""
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    return mass_before < top_p
+
+
+def _pick_from_sorted(sorted_probs: Tensor, sorted_ids: Tensor, u: Tensor) -> Tensor:
+    """Invert the CDF of (zero-padded) sorted nucleus probabilities at ``u`` * nucleus mass."""
+    cdf = torch.cumsum(sorted_probs.double(), dim=-1)
+    target = u * cdf[:, -1]
+    pick = torch.searchsorted(cdf, target[:, None], right=True).clamp(max=cdf.shape[1] - 1)
+    # Never land on a filtered (zero-probability) token at the tail.
+    pick = torch.minimum(pick, (sorted_probs > 0).sum(dim=-1, keepdim=True) - 1)
+    return sorted_ids.gather(1, pick).squeeze(1)
 
 
 def _apply_repetition_penalty(logits: Tensor, seqs: Tensor, penalty: float) -> Tensor:
@@ -669,12 +852,46 @@ class MED(nn.Module):
         """Normalised ITC text feature (B, E) from the [CLS] token."""
         return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
 
-    def itm_logits(self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Image-grounded encoder + ITM head: (B, 2) logits, column 1 = match."""
+    def image_context(
+        self, image_embeds: Tensor, row_image: Tensor | None = None, *, group: int = 1
+    ) -> ImageContext:
+        """Cross-attention keys/values of every text layer, computed once per image.
+
+        ``image_embeds`` (I, 1 + N, Dv) from :meth:`encode_image`; ``row_image`` (R,) names the
+        image of each text row (default: ``group`` consecutive rows per image). Encoder and
+        decoder share the cross-attention weights, so one context serves ITM and captioning.
+        """
+        images = image_embeds.shape[0]
+        if row_image is None:
+            row_image = torch.arange(images, device=image_embeds.device).repeat_interleave(group)
+            slot = torch.arange(group, device=image_embeds.device).repeat(images)
+            packed = True
+        else:
+            row_image = row_image.to(device=image_embeds.device, dtype=torch.long)
+            slot, group, packed = image_row_slots(row_image, images)
+        kv = [layer.crossattention.self.image_kv(image_embeds) for layer in self.text_encoder.encoder.layer]
+        return ImageContext(kv=kv, row_image=row_image, row_slot=slot, group=group, packed=packed)
+
+    def itm_logits(
+        self,
+        image_embeds: Tensor | None,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        *,
+        image: ImageContext | None = None,
+    ) -> Tensor:
+        """Image-grounded encoder + ITM head: (B, 2) logits, column 1 = match.
+
+        The image comes as ``image_embeds`` (one row per text) or, cheaper when an image has
+        several texts, as ``image`` from :meth:`image_context` (same result up to float rounding).
+        """
         if self.config.itm_use_enc_token:
             input_ids = input_ids.clone()
             input_ids[:, 0] = self.config.enc_token_id
-        hidden = self.text_encoder(input_ids, attention_mask, image_embeds=image_embeds)
+        if image is not None:
+            hidden = self.text_encoder(input_ids, attention_mask, image=image)
+        else:
+            hidden = self.text_encoder(input_ids, attention_mask, image_embeds=image_embeds)
         return self.itm_head(hidden[:, 0])
 
     def decoder_logits(self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -703,7 +920,9 @@ class MED(nn.Module):
         torch._foreach_lerp_(moving, online, 1.0 - self.config.momentum)
 
     @torch.no_grad()
-    def dequeue_and_enqueue(self, image_feat: Tensor, text_feat: Tensor, image_ids: Tensor | None = None) -> None:
+    def dequeue_and_enqueue(
+        self, image_feat: Tensor, text_feat: Tensor, image_ids: Tensor | None = None
+    ) -> None:
         """Write the (globally gathered) momentum features into the queues, oldest first out."""
         image_feat, text_feat = _all_gather(image_feat), _all_gather(text_feat)
         batch = image_feat.shape[0]
@@ -758,8 +977,12 @@ class MED(nn.Module):
             with torch.no_grad():
                 if self.training:
                     self.momentum_update()
-                image_feat_m = F.normalize(self.vision_proj_m(self.vision_model_m(pixel_values)[:, 0]), dim=-1)
-                text_feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(input_ids, attention_mask)[:, 0]), dim=-1)
+                image_feat_m = F.normalize(
+                    self.vision_proj_m(self.vision_model_m(pixel_values)[:, 0]), dim=-1
+                )
+                text_feat_m = F.normalize(
+                    self.text_proj_m(self.text_encoder_m(input_ids, attention_mask)[:, 0]), dim=-1
+                )
             out["loss_itc"] = L.itc_loss(
                 image_feat,
                 text_feat,
@@ -834,7 +1057,9 @@ class MED(nn.Module):
         prompt = torch.as_tensor(list(prompt_ids) if prompt_ids is not None else [], dtype=torch.long)
         prefix_len = 1 + prompt.numel()
         if max_length <= prefix_len:
-            raise ValueError(f"max_length {max_length} leaves no room after [DEC] + {prompt.numel()} prompt tokens")
+            raise ValueError(
+                f"max_length {max_length} leaves no room after [DEC] + {prompt.numel()} prompt tokens"
+            )
         batch = pixel_values.shape[0]
         if seeds is not None:
             seeds = torch.as_tensor(seeds, dtype=torch.long).reshape(-1)
@@ -846,30 +1071,48 @@ class MED(nn.Module):
             rows = num_captions
         else:
             if num_captions > num_beams:
-                raise ValueError(f"beam search returns at most num_beams={num_beams} captions, asked {num_captions}")
+                raise ValueError(
+                    f"beam search returns at most num_beams={num_beams} captions, asked {num_captions}"
+                )
             rows = num_beams
-        image_embeds = image_embeds.repeat_interleave(rows, dim=0)  # image-major
+        # Image-major rows; each image's cross-attention keys/values are computed once and read
+        # by all its rows (beam search only reorders beams within an image, so this holds).
+        image = self.image_context(image_embeds, group=rows)
         prefix = torch.cat([torch.tensor([cfg.bos_token_id]), prompt]).to(image_embeds.device)
         seqs = prefix.expand(batch * rows, -1).clone()
 
         if sample or num_beams == 1:
             out = self._sample_or_greedy(
-                image_embeds, seqs, sample=sample, top_p=top_p, max_length=max_length, min_length=min_length,
-                repetition_penalty=repetition_penalty, num_captions=rows, seeds=seeds, generator=generator,
+                image,
+                seqs,
+                sample=sample,
+                top_p=top_p,
+                max_length=max_length,
+                min_length=min_length,
+                repetition_penalty=repetition_penalty,
+                num_captions=rows,
+                seeds=seeds,
+                generator=generator,
             )
         else:
             out = self._beam_search(
-                image_embeds, seqs, batch=batch, num_beams=num_beams, num_return=num_captions,
-                max_length=max_length, min_length=min_length, repetition_penalty=repetition_penalty,
+                image,
+                seqs,
+                batch=batch,
+                num_beams=num_beams,
+                num_return=num_captions,
+                max_length=max_length,
+                min_length=min_length,
+                repetition_penalty=repetition_penalty,
             )
         return out[:, prefix_len:]
 
-    def _new_cache(self) -> list[LayerCache]:
-        return [LayerCache() for _ in range(self.config.text_layers)]
+    def _new_cache(self, capacity: int | None = None) -> list[KVCache]:
+        return [KVCache(capacity=capacity) for _ in range(self.config.text_layers)]
 
     def _sample_or_greedy(
         self,
-        image_embeds: Tensor,
+        image: ImageContext,
         seqs: Tensor,
         *,
         sample: bool,
@@ -881,45 +1124,75 @@ class MED(nn.Module):
         seeds: Tensor | None,
         generator: torch.Generator | None,
     ) -> Tensor:
+        """Nucleus sampling or greedy decoding; finished rows leave the batch.
+
+        Rows are independent, so a row that emitted [SEP] is dropped from every later step
+        (its cache rows, its image slot, its seed): the remaining steps cost only the rows
+        still writing. Output ids land in one preallocated (rows, max_length) buffer, [PAD]
+        after [SEP]; its width is that of the longest caption, as when all rows run to the end.
+        """
         cfg = self.config
         device = seqs.device
-        n_rows = seqs.shape[0]
-        cache = self._new_cache()
-        finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
-        if seeds is not None:
+        n_rows, prefix_len = seqs.shape
+        out = torch.full((n_rows, max_length), cfg.pad_token_id, dtype=torch.long, device=device)
+        out[:, :prefix_len] = seqs
+        cache = self._new_cache(capacity=max_length)
+        alive = torch.arange(n_rows, device=device)  # original row of each row still decoding
+        seeded = sample and seeds is not None
+        if seeded:
+            assert seeds is not None
             row_seeds = seeds.to(device).repeat_interleave(num_captions)
             caption_index = torch.arange(num_captions, device=device).repeat(n_rows // num_captions)
-        step_ids, past = seqs, 0
-        while seqs.shape[1] < max_length:
-            logits = self.text_decoder(step_ids, None, image_embeds, cache=cache, past_length=past)[:, -1].float()
-            past = seqs.shape[1]
-            logits = _apply_repetition_penalty(logits, seqs, repetition_penalty)
-            if seqs.shape[1] < min_length:
+        step_ids, past, cur = seqs, 0, prefix_len
+        width = prefix_len
+        while cur < max_length:
+            logits = self.text_decoder(step_ids, None, None, cache=cache, past_length=past, image=image)[
+                :, -1
+            ]
+            logits = logits.float()
+            past = cur
+            if repetition_penalty != 1.0:
+                logits = _apply_repetition_penalty(
+                    logits, out.index_select(0, alive)[:, :cur], repetition_penalty
+                )
+            if cur < min_length:
                 logits[:, cfg.sep_token_id] = -math.inf
             if not sample:
                 token = logits.argmax(dim=-1)
+            elif seeded:
+                u = counter_uniform(row_seeds, caption_index, cur)
+                token = _nucleus_sample(F.softmax(logits, dim=-1), top_p, u)
             else:
                 sorted_probs, sorted_ids = _top_p_sorted(F.softmax(logits, dim=-1), top_p)
-                if seeds is not None:
-                    cdf = torch.cumsum(sorted_probs.double(), dim=-1)
-                    u = counter_uniform(row_seeds, caption_index, seqs.shape[1]) * cdf[:, -1]
-                    pick = torch.searchsorted(cdf, u[:, None], right=True).clamp(max=cdf.shape[1] - 1)
-                    # Never land on a filtered (zero-probability) token at the tail.
-                    pick = torch.minimum(pick, (sorted_probs > 0).sum(dim=-1, keepdim=True) - 1)
-                else:
-                    pick = torch.multinomial(sorted_probs, 1, generator=generator)
+                pick = torch.multinomial(sorted_probs, 1, generator=generator)
                 token = sorted_ids.gather(1, pick).squeeze(1)
-            token = torch.where(finished, torch.full_like(token, cfg.pad_token_id), token)
-            seqs = torch.cat([seqs, token[:, None]], dim=1)
-            finished |= token == cfg.sep_token_id
-            if bool(finished.all()):
+            out[alive, cur] = token
+            cur += 1
+            width = cur
+            if cur >= max_length:
                 break
+            going = token != cfg.sep_token_id
+            still = int(going.sum())  # the step's one host sync (CPU: free)
+            if still == 0:
+                break
+            if still < going.numel():  # drop the rows that just finished
+                keep = going.nonzero().squeeze(1)
+                alive = alive.index_select(0, keep)
+                token = token.index_select(0, keep)
+                for layer_cache in cache:
+                    layer_cache.select(keep)
+                image = image.select_rows(keep)
+                if seeded:
+                    row_seeds, caption_index = (
+                        row_seeds.index_select(0, keep),
+                        caption_index.index_select(0, keep),
+                    )
             step_ids = token[:, None]
-        return seqs
+        return out[:, :width]
 
     def _beam_search(
         self,
-        image_embeds: Tensor,
+        image: ImageContext,
         seqs: Tensor,
         *,
         batch: int,
@@ -952,7 +1225,9 @@ class MED(nn.Module):
         cur_len = prompt_len
         while cur_len < max_length:
             flat = running.reshape(batch * nb, -1)
-            logits = self.text_decoder(step_ids, None, image_embeds, cache=cache, past_length=past)[:, -1].float()
+            logits = self.text_decoder(step_ids, None, None, cache=cache, past_length=past, image=image)[
+                :, -1
+            ].float()
             past = cur_len
             log_probs = F.log_softmax(logits, dim=-1)
             log_probs = _apply_repetition_penalty(log_probs, flat, repetition_penalty)
@@ -961,14 +1236,18 @@ class MED(nn.Module):
             scores = (log_probs.view(batch, nb, vocab) + running_scores[:, :, None]).view(batch, nb * vocab)
             top_scores, top_idx = scores.topk(2 * nb, dim=1)
             src_beam, token = top_idx // vocab, top_idx % vocab
-            cand = torch.cat([running.gather(1, src_beam[:, :, None].expand(-1, -1, cur_len)), token[:, :, None]], 2)
+            cand = torch.cat(
+                [running.gather(1, src_beam[:, :, None].expand(-1, -1, cur_len)), token[:, :, None]], 2
+            )
             ends = (token == cfg.sep_token_id) | (cur_len + 1 >= max_length)
 
             # Continue with the best num_beams candidates that did not end.
             keep_scores, keep = (top_scores + ends.float() * neg).topk(nb, dim=1)
             running = cand.gather(1, keep[:, :, None].expand(-1, -1, cur_len + 1))
             running_scores = keep_scores
-            beam_origin = (src_beam.gather(1, keep) + torch.arange(batch, device=device)[:, None] * nb).reshape(-1)
+            beam_origin = (
+                src_beam.gather(1, keep) + torch.arange(batch, device=device)[:, None] * nb
+            ).reshape(-1)
 
             # Ended candidates among the top num_beams become finished hypotheses.
             rank_ok = torch.arange(2 * nb, device=device)[None, :] < nb
@@ -983,7 +1262,7 @@ class MED(nn.Module):
             done_filled = merged_filled.gather(1, pick)
 
             for layer_cache in cache:
-                layer_cache.self_kv.select(beam_origin)
+                layer_cache.select(beam_origin)
             cur_len += 1
             best_running = running_scores[:, 0] / float(cur_len - prompt_len)
             worst_done = torch.where(done_filled, done_scores.min(dim=1, keepdim=True).values, neg)
@@ -1006,7 +1285,9 @@ class MED(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_model(self, str(directory / WEIGHTS_NAME))
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n", encoding="utf-8")
+        (directory / CONFIG_NAME).write_text(
+            json.dumps(self.config.to_dict(), indent=2) + "\n", encoding="utf-8"
+        )
         if tokenizer is not None:
             tokenizer.save_pretrained(str(directory))
         return directory
@@ -1142,7 +1423,9 @@ def load_pickle_weights(directory: Path, *, allow_pickle: bool) -> dict[str, Ten
             "arbitrary code, so it needs --allow-pickle (allow_pickle=True)"
         )
     if len(candidates) > 1:
-        raise CheckpointError(f"{directory}: several pickle weight files ({[p.name for p in candidates]}); keep one")
+        raise CheckpointError(
+            f"{directory}: several pickle weight files ({[p.name for p in candidates]}); keep one"
+        )
     state = torch.load(candidates[0], map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # BLIP's .pth files wrap the state dict
@@ -1202,18 +1485,34 @@ def parameter_counts(med: MED) -> dict[str, int]:
         "text_shared": _count(
             [
                 *med.text_encoder.embeddings.parameters(),
-                *(p for layer in enc_layers for m in (layer.crossattention, layer.intermediate, layer.output)
-                  for p in m.parameters()),
+                *(
+                    p
+                    for layer in enc_layers
+                    for m in (layer.crossattention, layer.intermediate, layer.output)
+                    for p in m.parameters()
+                ),
             ],
             seen,
         ),
-        "text_encoder_self_attention": _count((p for layer in enc_layers for p in layer.attention.parameters()), seen),
-        "decoder_self_attention": _count((p for layer in dec_layers for p in layer.attention.parameters()), seen),
+        "text_encoder_self_attention": _count(
+            (p for layer in enc_layers for p in layer.attention.parameters()), seen
+        ),
+        "decoder_self_attention": _count(
+            (p for layer in dec_layers for p in layer.attention.parameters()), seen
+        ),
         "lm_head": _count(med.text_decoder.cls.parameters(), seen),
         "projections_itm": _count(
-            [*med.vision_proj.parameters(), *med.text_proj.parameters(), *med.itm_head.parameters(), med.temp], seen
+            [
+                *med.vision_proj.parameters(),
+                *med.text_proj.parameters(),
+                *med.itm_head.parameters(),
+                med.temp,
+            ],
+            seen,
         ),
     }
-    counts["momentum"] = _count((p for _, name in _MOMENTUM_PAIRS for p in getattr(med, name).parameters()), seen)
+    counts["momentum"] = _count(
+        (p for _, name in _MOMENTUM_PAIRS for p in getattr(med, name).parameters()), seen
+    )
     counts["total_trainable"] = _count((p for p in med.parameters() if p.requires_grad), set())
     return counts

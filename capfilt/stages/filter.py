@@ -9,12 +9,15 @@
 * with ``filter.itc_column``: ``web_itc`` / ``synthetic_itc``, the cosine similarity of the
   ITC features (useful for CLIP-style re-ranking as BLIP-2 and LAION-COCO did).
 
-Cost: the vision transformer dominates, so each image is encoded ONCE per model and its
-embeddings are repeated (an index gather, no copy of pixels and no second vision pass) for its
-K+1 texts. With an ensemble (``filter.models``) a text's score is the mean over the models.
+Cost: each image is encoded ONCE per model, and its cross-attention keys/values are
+projected once for all of its K+1 texts (``capfilt.inference.itm_scores``, ``MED.image_context``):
+no vision pass and no image-side projection is repeated per text. With an ensemble
+(``filter.models``) a text's score is the mean over the models.
 
-Failure is data: a model error is retried row by row; rows that still fail become
-``filter_failed`` with the error, never a crash.
+Failure is data, except a lost GPU: out-of-memory halves the micro-batch (``filter.batch_size``
+images); a model error is retried row by row and rows that still fail become ``filter_failed``
+with the error; a CUDA error that poisons the context ends the actor so Ray restarts it and
+retries the batch (``capfilt.inference.run_chunks``).
 """
 
 from __future__ import annotations
@@ -26,22 +29,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from capfilt.stages.caption import (
-    batch_pixels,
+from capfilt.inference import (
+    ITM_MAX_TOKENS,  # noqa: F401 - re-exported
+    DeviceLost,
+    abandon_actor,
     error_text,
-    is_ok,
-    isolate_failures,
+    itm_scores,
     load_med,
-    model_specs,
     pixel_values,
     resolve_device,
     resolve_dtype,
+    run_chunks,
 )
+from capfilt.stages.caption import batch_pixels, is_ok, model_specs
 from capfilt.stages.select import has_text, object_array
 from capfilt.stages.status import Status
-
-ITM_MAX_TOKENS = 35
-"""Texts are truncated to this many tokens for matching, as BLIP's retrieval models are trained."""
 
 Batch = dict[str, np.ndarray]
 
@@ -51,7 +53,7 @@ class Filter:
 
     def __init__(self, cfg: Any, *, device: str | None = None) -> None:
         self.cfg = cfg
-        self.device = resolve_device(cfg.num_gpus, device)
+        self.device = resolve_device(device, num_gpus=cfg.num_gpus)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.itc = bool(getattr(cfg, "itc_column", False))
         self.models = [load_med(spec, device=self.device, dtype=self.dtype) for spec in model_specs(cfg)]
@@ -61,35 +63,19 @@ class Filter:
     ) -> tuple[list[list[float]], list[list[float]]]:
         """ITM probabilities (and ITC cosines) of one model: per image, one per text.
 
-        ``texts[j]`` are image j's texts. One ``encode_image`` call for all images; text pairs
-        are scored in chunks of ``batch_size`` pairs with the image embeddings gathered per pair.
+        ``texts[j]`` are image j's texts. One ``encode_image`` call for all images; pairs are
+        scored by :func:`capfilt.inference.itm_scores` (image keys/values once per image).
         """
         med, tokenizer = self.models[index]
         owner = [j for j, row in enumerate(texts) for _ in row]
         flat = [t for row in texts for t in row]
-        itm = torch.empty(len(flat))
-        itc = torch.empty(len(flat)) if self.itc else None
         with torch.inference_mode():
             image_embeds = med.encode_image(pixel_values(pixels, device=self.device, dtype=self.dtype))
             image_feat = med.image_features(image_embeds) if self.itc else None
-            step = max(1, self.cfg.batch_size)
-            for start in range(0, len(flat), step):
-                chunk = slice(start, start + step)
-                tokens = tokenizer(
-                    flat[chunk],
-                    padding="longest",
-                    truncation=True,
-                    max_length=ITM_MAX_TOKENS,
-                    return_tensors="pt",
-                )
-                ids = tokens["input_ids"].to(self.device)
-                mask = tokens["attention_mask"].to(self.device)
-                pick = torch.tensor(owner[chunk], device=self.device)
-                logits = med.itm_logits(image_embeds.index_select(0, pick), ids, mask)
-                itm[chunk] = torch.softmax(logits.float(), dim=-1)[:, 1].cpu()
-                if itc is not None and image_feat is not None:
-                    text_feat = med.text_features(med.encode_text(ids, mask))
-                    itc[chunk] = (image_feat.index_select(0, pick).float() * text_feat.float()).sum(-1).cpu()
+            itm, itc = itm_scores(
+                med, tokenizer, image_embeds, flat, owner, batch_size=max(1, self.cfg.batch_size),
+                image_feat=image_feat,
+            )  # fmt: skip
         split_itm: list[list[float]] = [[] for _ in texts]
         split_itc: list[list[float]] = [[] for _ in texts]
         for p, j in enumerate(owner):
@@ -98,15 +84,15 @@ class Filter:
                 split_itc[j].append(float(itc[p]))
         return split_itm, split_itc
 
-    def _score_safe(
-        self, index: int, pixels: np.ndarray, texts: Sequence[Sequence[str]]
-    ) -> list[tuple[list[float], list[float]] | BaseException]:
-        """Like ``_score`` but never raises: a failing chunk is retried one image at a time."""
-        return isolate_failures(
-            lambda a, b: list(zip(*self._score(index, pixels[a:b], texts[a:b]), strict=True)), len(texts)
-        )
-
     def __call__(self, batch: Mapping[str, np.ndarray]) -> Batch:
+        try:
+            return self.score(batch)
+        except DeviceLost as err:
+            abandon_actor(err)
+            raise
+
+    def score(self, batch: Mapping[str, np.ndarray]) -> Batch:
+        """``__call__`` without the device-loss handling (raises :class:`DeviceLost`)."""
         out = dict(batch)
         n = len(batch["status"])
         status = object_array(list(batch["status"]))
@@ -122,23 +108,26 @@ class Filter:
         # Sums over the ensemble, divided at the end.
         itm_sum = [np.zeros(len(t)) for t in texts]
         itc_sum = [np.zeros(len(t)) for t in texts]
-        step = max(1, self.cfg.batch_size)
         for index, (med, _) in enumerate(self.models):
             pixels, failed = batch_pixels(batch, rows, med.config.image_size)
             for i, message in failed.items():
                 status[i], error[i] = Status.decode_failed.value, message
-            for start in range(0, len(rows), step):
-                chunk = slice(start, start + step)
-                results = self._score_safe(index, pixels[chunk], texts[chunk])
-                for j, result in zip(range(start, start + len(results)), results, strict=True):
-                    i = rows[j]
-                    if isinstance(result, BaseException):
-                        if is_ok(status[i]):
-                            status[i], error[i] = Status.filter_failed.value, error_text(result)
-                        continue
-                    itm_sum[j] += np.asarray(result[0], dtype=float)
-                    if self.itc:
-                        itc_sum[j] += np.asarray(result[1], dtype=float)
+            results = run_chunks(
+                lambda a, b, index=index, pixels=pixels: list(
+                    zip(*self._score(index, pixels[a:b], texts[a:b]), strict=True)
+                ),
+                len(rows),
+                self.cfg.batch_size,
+            )
+            for j, result in enumerate(results):
+                i = rows[j]
+                if isinstance(result, BaseException):
+                    if is_ok(status[i]):
+                        status[i], error[i] = Status.filter_failed.value, error_text(result)
+                    continue
+                itm_sum[j] += np.asarray(result[0], dtype=float)
+                if self.itc:
+                    itc_sum[j] += np.asarray(result[1], dtype=float)
         m = len(self.models)
         web_itm = np.full(n, math.nan)
         web_itc = np.full(n, math.nan)

@@ -262,6 +262,13 @@ def test_batch_size_and_actor_count_do_not_change_the_output(
     assert_same_outputs(other, reference)
 
 
+def test_the_fused_caption_filter_stage_writes_the_same_output(
+    reference: Path, config_file: Path, tmp_path: Path
+) -> None:
+    fused = run_cli(config_file, tmp_path / "fused", "filter.fused=true")
+    assert_same_outputs(fused, reference)
+
+
 # --------------------------------------------------------------------------- crash and resume
 
 

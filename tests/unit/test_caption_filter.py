@@ -214,10 +214,11 @@ def test_a_failing_row_becomes_filter_failed(models: tuple[str, str]) -> None:
     med = stage.models[0][0]
     real_itm = med.itm_logits
 
-    def itm_logits(image_embeds, input_ids, attention_mask):
-        if image_embeds.shape[0] > 0 and (image_embeds - first).abs().amax(dim=(1, 2)).min() < 1e-6:
+    def itm_logits(image_embeds, input_ids, attention_mask, *, image=None):
+        keys = image.kv[0][0] if image is not None else med.image_context(image_embeds).kv[0][0]
+        if keys.shape[0] > 0 and (keys - bad_keys).abs().amax(dim=(1, 2, 3)).min() < 1e-6:
             raise ValueError("bad row (simulated)")
-        return real_itm(image_embeds, input_ids, attention_mask)
+        return real_itm(image_embeds, input_ids, attention_mask, image=image)
 
     with torch.inference_mode():
         first = med.encode_image(
@@ -227,6 +228,7 @@ def test_a_failing_row_becomes_filter_failed(models: tuple[str, str]) -> None:
                 dtype=torch.float32,
             )
         )
+        bad_keys = med.image_context(first).kv[0][0]
     med.itm_logits = itm_logits
     out = stage(batch)
     assert list(out["status"]) == ["ok", "filter_failed", "ok"]
@@ -234,3 +236,48 @@ def test_a_failing_row_becomes_filter_failed(models: tuple[str, str]) -> None:
     assert not math.isnan(out["web_itm"][0]) and len(out["synthetic_itm"][2]) == len(
         batch["synthetic_texts"][2]
     )
+
+
+# --------------------------------------------------------------------------- fused stage
+
+
+def test_fused_stage_equals_caption_then_filter(models: tuple[str, str]) -> None:
+    from capfilt.stages.fused import CaptionFilter
+
+    batch = preprocess(make_batch(6, bad=frozenset({2})), sizes=[32])
+    ccfg, fcfg = caption_cfg(models[0]), FilterConfig(model=models[1], batch_size=4, itc_column=True)
+    two_pools = Filter(fcfg)(Captioner(ccfg)(batch))
+    fused = CaptionFilter(ccfg, fcfg)(batch)
+    assert pixel_column(32) not in fused, "the fused stage drops the pixels it consumed"
+    assert set(two_pools) - set(fused) == {pixel_column(32)}
+    for name in ("status", "error", "synthetic_texts"):
+        assert [list(x) if isinstance(x, list) else x for x in fused[name]] == [
+            list(x) if isinstance(x, list) else x for x in two_pools[name]
+        ], name
+    np.testing.assert_allclose(fused["web_itm"], two_pools["web_itm"], rtol=0, atol=1e-6)
+    for a, b in zip(fused["synthetic_itm"], two_pools["synthetic_itm"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_make_plan_fuses_caption_and_filter_when_asked(models: tuple[str, str], tmp_path: Path) -> None:
+    from capfilt.config import PipelineConfig
+    from capfilt.errors import UserError
+    from capfilt.pipeline import make_plan
+
+    (tmp_path / "urls.parquet").write_bytes(b"")
+    base = {
+        "input": {"path": str(tmp_path / "urls.parquet")},
+        "caption": {"model": models[0], "num_gpus": 1, "concurrency": 3, "batch_size": 32},
+        "filter": {"model": models[1], "num_gpus": 0.5, "concurrency": 1},
+    }
+    separate = make_plan(PipelineConfig.model_validate(base))
+    assert [s.name for s in separate.stages if s.kind == "actors"] == ["caption", "filter"]
+    fused_cfg = PipelineConfig.model_validate({**base, "filter": {**base["filter"], "fused": True}})
+    fused = [s for s in make_plan(fused_cfg).stages if s.kind == "actors"]
+    assert [s.name for s in fused] == ["fused"]
+    assert (fused[0].num_gpus, fused[0].concurrency, fused[0].batch_size) == (1.0, 3, 32)
+    assert fused[0].models == [models[0], models[1]]
+    with pytest.raises(UserError, match="filter.fused: needs a caption section"):
+        make_plan(
+            PipelineConfig.model_validate({"input": base["input"], "filter": fused_cfg.filter.model_dump()})
+        )
