@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 
 from capfilt.errors import UserError
+from capfilt.inference import DeviceLost, abandon_actor, run_chunks
 from capfilt.stages.caption import (
     error_text,
     is_ok,
-    isolate_failures,
     resolve_device,
     resolve_dtype,
     resolve_model,
@@ -77,7 +77,7 @@ class ClipScorer:
 
     def __init__(self, cfg: Any, *, device: str | None = None) -> None:
         self.cfg = cfg
-        self.device = resolve_device(cfg.num_gpus, device)
+        self.device = resolve_device(device, num_gpus=cfg.num_gpus)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.model, self.processor, self.tokenizer = load_clip(
             cfg.model, device=self.device, dtype=self.dtype
@@ -129,6 +129,14 @@ class ClipScorer:
         return result
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> Batch:
+        try:
+            return self.score(batch)
+        except DeviceLost as err:  # the GPU is gone: end the actor so Ray restarts it and retries
+            abandon_actor(err)
+            raise
+
+    def score(self, batch: Mapping[str, np.ndarray]) -> Batch:
+        """``__call__`` without the device-loss handling (raises :class:`DeviceLost`)."""
         out = dict(batch)
         n = len(batch["status"])
         status = object_array(list(batch["status"]))
@@ -144,21 +152,20 @@ class ClipScorer:
         images = [bytes(batch["image"][i]) for i in rows]
         web_clip = np.full(n, math.nan)
         synthetic_clip: list[list[float]] = [[] for _ in range(n)]
-        step = max(1, self.cfg.batch_size)
-        for start in range(0, len(rows), step):
-            chunk_images, chunk_texts = images[start : start + step], texts[start : start + step]
-            results = isolate_failures(
-                lambda a, b, im=chunk_images, tx=chunk_texts: self._score(im[a:b], tx[a:b]), len(chunk_images)
-            )
-            for j, result in zip(range(start, start + len(results)), results, strict=True):
-                i = rows[j]
-                if isinstance(result, BaseException):
-                    status[i], error[i] = Status.clip_failed.value, error_text(result)
-                    continue
-                scores = list(result)
-                if has_web[i]:
-                    web_clip[i] = scores.pop(0)
-                synthetic_clip[i] = scores
+        # Micro-batches of clip.batch_size: halved on out-of-memory; a row that fails alone is
+        # clip_failed; a lost GPU ends the actor (capfilt.inference.run_chunks).
+        results = run_chunks(
+            lambda a, b: self._score(images[a:b], texts[a:b]), len(rows), self.cfg.batch_size
+        )
+        for j, result in enumerate(results):
+            i = rows[j]
+            if isinstance(result, BaseException):
+                status[i], error[i] = Status.clip_failed.value, error_text(result)
+                continue
+            scores = list(result)
+            if has_web[i]:
+                web_clip[i] = scores.pop(0)
+            synthetic_clip[i] = scores
         out["web_clip"] = web_clip
         out["synthetic_clip"] = object_array(synthetic_clip)
         out["status"] = status
