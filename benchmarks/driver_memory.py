@@ -272,6 +272,7 @@ class Case:
     window_rates: list[float] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
     complete: bool = False
+    error: str = ""
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -334,7 +335,7 @@ def run_case(case: Case, config: Path, out: Path, *, address: str | None, timeou
                     first = first or status.get("VmRSS", 0)
                 if time.perf_counter() - t0 > timeout_s:
                     proc.kill()
-                    raise RuntimeError(f"{case.name}: no result in {timeout_s:.0f} s (log: {log_path})")
+                    raise RuntimeError(f"no result in {timeout_s:.0f} s (log: {log_path})")
                 time.sleep(0.1)
         finally:
             if proc.poll() is None:
@@ -343,7 +344,8 @@ def run_case(case: Case, config: Path, out: Path, *, address: str | None, timeou
     case.wall_s = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{case.name}: capfilt run exited {proc.returncode}\n{tail}")
+        last = [line for line in tail.splitlines() if line.strip()][-1:] or [""]
+        raise RuntimeError(f"capfilt run exited {proc.returncode}: {last[0]} (log: {log_path})\n{tail}")
     manifest = json.loads((out / "manifest.json").read_text())
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else {}
     shards = sorted((out / "samples").glob("shard-*.parquet"))
@@ -428,12 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "min_length": 3, "batch_size": 64}  # fmt: skip
                     config["filter"] = {"model": str(models[1]), "batch_size": 128}
                 case = Case(name=name, mode=mode, rows=rows, rows_per_shard=args.image_shard)
-                print(f"running {name} ...", flush=True)
-                cases.append(run_case(case, write_config(work / f"{name}.yaml", config), work / name,
-                                      address=args.address, timeout_s=args.timeout))  # fmt: skip
-                print(describe(cases[-1]), flush=True)
-                if not args.keep:
-                    shutil.rmtree(work / name, ignore_errors=True)
+                measure(case, write_config(work / f"{name}.yaml", config), work, cases, args)
     if "metadata" in modes:
         name = f"metadata-{args.meta_rows}"
         config = {
@@ -443,12 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             "output": {"dir": str(work / name), "rows_per_shard": args.meta_shard},
         }  # fmt: skip
         case = Case(name=name, mode="metadata", rows=args.meta_rows, rows_per_shard=args.meta_shard)
-        print(f"running {name} ...", flush=True)
-        cases.append(run_case(case, write_config(work / f"{name}.yaml", config), work / name,
-                              address=args.address, timeout_s=args.timeout))  # fmt: skip
-        print(describe(cases[-1]), flush=True)
-        if not args.keep:
-            shutil.rmtree(work / name, ignore_errors=True)
+        measure(case, write_config(work / f"{name}.yaml", config), work, cases, args)
 
     verdicts = targets(cases)
     print()
@@ -461,8 +453,23 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"cases": [asdict(c) for c in cases], "targets": verdicts, "args": vars(args)}, indent=2,
                    default=str) + "\n", encoding="utf-8")  # fmt: skip
     print(f"\nresults: {work / 'results.json'}")
-    missed = any(line.startswith("MISSED") for line in verdicts)
+    missed = any(line.startswith(("MISSED", "FAILED")) for line in verdicts)
     return 1 if args.strict and missed else 0
+
+
+def measure(case: Case, config: Path, work: Path, cases: list[Case], args: argparse.Namespace) -> None:
+    """Run one case; a failed case is recorded with its error and the benchmark goes on."""
+    print(f"running {case.name} ...", flush=True)
+    try:
+        run_case(case, config, work / case.name, address=args.address, timeout_s=args.timeout)
+        print(describe(case), flush=True)
+    except RuntimeError as err:
+        case.error = str(err).splitlines()[0]
+        print(f"  {case.name}: FAILED: {err}", flush=True)
+    cases.append(case)
+    (work / "results.partial.json").write_text(json.dumps([asdict(c) for c in cases], indent=2) + "\n")
+    if not args.keep:
+        shutil.rmtree(work / case.name, ignore_errors=True)
 
 
 EXPLANATION = """
@@ -501,7 +508,8 @@ def table(cases: list[Case]) -> str:
 
 def targets(cases: list[Case]) -> list[str]:
     """One line per target: MET / MISSED with the figures (only those the cases measured)."""
-    lines = []
+    lines = [f"FAILED: {c.name}: {c.error}" for c in cases if c.error]
+    cases = [c for c in cases if not c.error]
     for mode in ("download", "models"):
         runs = sorted((c for c in cases if c.mode == mode), key=lambda c: c.rows)
         if len(runs) >= 2:
