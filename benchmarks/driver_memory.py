@@ -4,8 +4,10 @@ The claim (issue: "capfilt run at cluster scale"): the driver holds no data. Its
 less than 64 MB from 2,000 to 20,000 image rows and stays under 500 MB for 1M metadata rows; the
 rows/s rate does not fall as committed shards accumulate; no image byte reaches the driver.
 
-Cases (each one ``capfilt run`` in its own process, local Ray started by that process unless
-``--address`` names a cluster to join):
+Cases (each one ``capfilt run`` in its own process, joining a Ray cluster with
+``ray.address: auto``: by default a two-node cluster started here on 127.0.0.1, one CPU per node,
+as ``tests/integration/test_cluster.py`` starts it; ``--address`` joins another cluster,
+``--nodes 0`` lets each run start its own local Ray):
 
 * ``download``: N URL rows of real JPEGs (``--distinct`` different images, ~50 KB each) served
   on 127.0.0.1, download + resize only;
@@ -306,20 +308,25 @@ def window_rates(commit_times: list[float], shard_rows: list[int], start: float,
     return rates
 
 
-def run_case(case: Case, config: Path, out: Path, *, address: str | None, timeout_s: float) -> Case:
+def run_case(
+    case: Case, config: Path, out: Path, *, ray_env: dict[str, str] | None, timeout_s: float
+) -> Case:
     import pyarrow.parquet as pq
 
     if out.exists():
         shutil.rmtree(out)
     stats_path = out.parent / f"{out.name}.driver.json"
     overrides = ["--set", f"output.dir={out}"]
-    if address:
+    if ray_env is not None:
         overrides += ["--set", "ray.address=auto"]
     command = [sys.executable, str(Path(__file__).resolve()), "--driver", str(stats_path), "--",
                "run", str(config), *overrides]  # fmt: skip
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "no_proxy": "127.0.0.1,localhost"}
-    if address:
-        env["RAY_ADDRESS"] = address
+    env = {
+        **os.environ,
+        **(ray_env or {}),
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "no_proxy": "127.0.0.1,localhost",
+    }
     log_path = out.parent / f"{out.name}.log"
     start = time.time()
     t0 = time.perf_counter()
@@ -385,7 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--meta-shard", type=int, default=10_000, help="rows_per_shard for metadata runs")
     parser.add_argument("--distinct", type=int, default=100, help="different images behind the URLs")
     parser.add_argument("--threads", type=int, default=16, help="download.threads")
-    parser.add_argument("--address", default=None, help="join this Ray cluster instead of a local Ray")
+    parser.add_argument(
+        "--address", default=None, help="join this Ray cluster (RAY_AUTH_* from the environment)"
+    )
+    parser.add_argument(
+        "--nodes", type=int, default=2, help="nodes of the cluster started here (0: local Ray per run)"
+    )
     parser.add_argument("--quick", action="store_true", help="200/1,000 image rows, 20,000 metadata rows")
     parser.add_argument("--keep", action="store_true", help="keep the run directories")
     parser.add_argument("--timeout", type=float, default=7200.0, help="seconds per case")
@@ -399,12 +411,51 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)}")
 
-    from capfilt.serve import LoopbackServer
-
     work = args.out
     work.mkdir(parents=True, exist_ok=True)
     image_bytes = make_images(work / "www", args.distinct)
     print(f"{args.distinct} images, {image_bytes / args.distinct / 1024:.0f} KB each on average", flush=True)
+    cases: list[Case] = []
+    cluster = None
+    if args.address:
+        args.ray_env = {"RAY_ADDRESS": args.address}
+    elif args.nodes > 0:
+        from ray_cluster import LocalCluster
+
+        cluster = LocalCluster.create()
+        for _ in range(args.nodes):
+            cluster.start_node(num_cpus=1)
+        args.ray_env = {**cluster.env(), "RAY_ADDRESS": cluster.gcs_address}
+        print(f"Ray cluster: {args.nodes} nodes at {cluster.gcs_address}", flush=True)
+    else:
+        args.ray_env = None
+    try:
+        run_all(args, work, sizes, modes, cases)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+    verdicts = targets(cases)
+    print()
+    print(table(cases))
+    print()
+    for line in verdicts:
+        print(line)
+    print(EXPLANATION)
+    (work / "results.json").write_text(
+        json.dumps({"cases": [asdict(c) for c in cases], "targets": verdicts, "args": vars(args)}, indent=2,
+                   default=str) + "\n", encoding="utf-8")  # fmt: skip
+    print(f"\nresults: {work / 'results.json'}")
+    missed = any(line.startswith(("MISSED", "FAILED")) for line in verdicts)
+    return 1 if args.strict and missed else 0
+
+
+def run_all(
+    args: argparse.Namespace, work: Path, sizes: list[int], modes: list[str], cases: list[Case]
+) -> None:
+    """Every case, one after another; the image server runs in this process for the whole time."""
+    from capfilt.serve import LoopbackServer
+
     download = {
         "image_size": 256,
         "resize_mode": "border",
@@ -412,7 +463,6 @@ def main(argv: list[str] | None = None) -> int:
         "timeout_s": 10,
         "retries": 0,
     }
-    cases: list[Case] = []
     with LoopbackServer(directory=work / "www") as server:
         for mode in [m for m in modes if m in ("download", "models")]:
             models = tiny_models(work / "models") if mode == "models" else None
@@ -431,37 +481,23 @@ def main(argv: list[str] | None = None) -> int:
                     config["filter"] = {"model": str(models[1]), "batch_size": 128}
                 case = Case(name=name, mode=mode, rows=rows, rows_per_shard=args.image_shard)
                 measure(case, write_config(work / f"{name}.yaml", config), work, cases, args)
-    if "metadata" in modes:
-        name = f"metadata-{args.meta_rows}"
-        config = {
-            "input": {"path": str(laion_rows(work / f"{name}.parquet", args.meta_rows, closed_port())),
-                      "keep_cols": LAION_KEEP},
-            "download": {**download, "timeout_s": 2},
-            "output": {"dir": str(work / name), "rows_per_shard": args.meta_shard},
-        }  # fmt: skip
-        case = Case(name=name, mode="metadata", rows=args.meta_rows, rows_per_shard=args.meta_shard)
-        measure(case, write_config(work / f"{name}.yaml", config), work, cases, args)
-
-    verdicts = targets(cases)
-    print()
-    print(table(cases))
-    print()
-    for line in verdicts:
-        print(line)
-    print(EXPLANATION)
-    (work / "results.json").write_text(
-        json.dumps({"cases": [asdict(c) for c in cases], "targets": verdicts, "args": vars(args)}, indent=2,
-                   default=str) + "\n", encoding="utf-8")  # fmt: skip
-    print(f"\nresults: {work / 'results.json'}")
-    missed = any(line.startswith(("MISSED", "FAILED")) for line in verdicts)
-    return 1 if args.strict and missed else 0
+        if "metadata" in modes:
+            name = f"metadata-{args.meta_rows}"
+            config = {
+                "input": {"path": str(laion_rows(work / f"{name}.parquet", args.meta_rows, closed_port())),
+                          "keep_cols": LAION_KEEP},
+                "download": {**download, "timeout_s": 2},
+                "output": {"dir": str(work / name), "rows_per_shard": args.meta_shard},
+            }  # fmt: skip
+            case = Case(name=name, mode="metadata", rows=args.meta_rows, rows_per_shard=args.meta_shard)
+            measure(case, write_config(work / f"{name}.yaml", config), work, cases, args)
 
 
 def measure(case: Case, config: Path, work: Path, cases: list[Case], args: argparse.Namespace) -> None:
     """Run one case; a failed case is recorded with its error and the benchmark goes on."""
     print(f"running {case.name} ...", flush=True)
     try:
-        run_case(case, config, work / case.name, address=args.address, timeout_s=args.timeout)
+        run_case(case, config, work / case.name, ray_env=args.ray_env, timeout_s=args.timeout)
         print(describe(case), flush=True)
     except RuntimeError as err:
         case.error = str(err).splitlines()[0]

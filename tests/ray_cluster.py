@@ -237,8 +237,25 @@ class LocalCluster:
     def _ray(self) -> list[str]:
         return [str(self.python_bin / "python"), "-m", "ray.scripts.scripts"]
 
-    def start_node(self, *, num_cpus: int = 1, timeout_s: float = 180.0) -> Node:
-        """Start the head (first call) or a worker node; returns once the cluster counts it."""
+    def start_node(self, *, num_cpus: int = 1, timeout_s: float = 180.0, attempts: int = 3) -> Node:
+        """Start the head (first call) or a worker node; returns once the cluster counts it.
+
+        ``ray start`` gives its raylet a fixed 30 s to register; on a machine that busy it exits,
+        and the start is tried again (its leftover processes killed first).
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_node(num_cpus=num_cpus, timeout_s=timeout_s)
+            except RuntimeError:
+                failed = self.nodes.pop()
+                failed.kill()
+                if attempt == attempts:
+                    raise
+                if not self.nodes:  # the head: a fresh GCS port, the old one may linger
+                    self.gcs_port, self.dashboard_port = free_ports(2)
+        raise AssertionError("unreachable")
+
+    def _start_node(self, *, num_cpus: int, timeout_s: float) -> Node:
         index = len(self.nodes)
         name = "head" if index == 0 else f"worker{index}"
         ports = dict(zip(_PORT_OPTIONS, free_ports(len(_PORT_OPTIONS)), strict=True))
