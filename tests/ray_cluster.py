@@ -237,7 +237,7 @@ class LocalCluster:
     def _ray(self) -> list[str]:
         return [str(self.python_bin / "python"), "-m", "ray.scripts.scripts"]
 
-    def start_node(self, *, num_cpus: int = 1, timeout_s: float = 180.0, attempts: int = 3) -> Node:
+    def start_node(self, *, num_cpus: int = 1, timeout_s: float = 180.0, attempts: int = 4) -> Node:
         """Start the head (first call) or a worker node; returns once the cluster counts it.
 
         ``ray start`` gives its raylet a fixed 30 s to register; on a machine that busy it exits,
