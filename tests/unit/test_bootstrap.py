@@ -229,13 +229,11 @@ def test_embedded_default_loads_and_overrides_are_checked() -> None:
     assert cfg.rounds == 2 and cfg.pretrain.train.steps == 7 and cfg.corpus.synthetic
     repo = Path(__file__).resolve().parents[2]
     assert (repo / "pipelines" / "bootstrap_demo.yaml").read_text() == bootstrap.default_config_text()
-    # The larger-budget ablation config is the demo with more data and steps, nothing else.
-    demo = bootstrap.load_config(None, []).model_dump()
-    big = bootstrap.load_config(repo / "pipelines" / "bootstrap_ablation.yaml", []).model_dump()
-    changed = {(section, key) for section in demo for key in (demo[section] if isinstance(demo[section], dict) else [None])
-               if (demo[section] if key is None else demo[section][key]) != (big[section] if key is None else big[section][key])}
-    assert changed == {("corpus", "images"), ("corpus", "human_images"), ("corpus", "test_images"), ("pretrain", "train"),
-                       ("captioner", "train"), ("filter", "train"), ("output", "dir")}
+    # The main job is one CapFilt round on the demo world; the ablation is opt-in (--ablation,
+    # benchmarks/ablation.py), so the default config never trains the ablation's extra MEDs.
+    demo = bootstrap.load_config(None, [])
+    assert demo.corpus.world == "demo" and demo.ablation is False and demo.rounds == 1
+    assert bootstrap.Bootstrap(cfg=demo, run_dir=repo).steps(rounds=1, ablation=False)[-1].name == "round-1/eval"
     for override, message in [
         ("pipeline.caption.model=x", "pipeline.caption.model: set by bootstrap"),
         ("captioner.train.stepz=1", "captioner.train.stepz: unknown key (did you mean 'steps'?)"),
@@ -424,3 +422,50 @@ if __name__ == "__main__":  # the kill -9 test's subprocess
     install_fakes(bootstrap)
     bootstrap._build_report = lambda run_dir: None  # type: ignore[assignment]
     _run(Path(sys.argv[1]), ablation=True)
+
+
+# --------------------------------------------------------------------------- the CapFilt summary
+
+
+def test_capfilt_summary_scores_filter_captions_and_noise_against_the_truth(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    red_circle = json.dumps([{"color": "red", "shape": "circle"}])
+    labels = [  # key, noise type, objects
+        ("a", "clean", red_circle), ("b", "clean", red_circle), ("c", "junk", red_circle),
+        ("d", "mismatched", red_circle), ("e", "wrong_attribute", red_circle), ("f", "clean", red_circle),
+    ]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist([{"key": k, "noise_type": t, "objects": o} for k, t, o in labels]),
+                   tmp_path / "web.parquet")
+    samples = [  # key, status, web_itm, web_kept, synthetic texts, synthetic kept
+        ("a", "ok", 0.9, True, ["a red circle", "a blue circle"], [True, False]),
+        ("b", "ok", 0.8, True, ["a red circle"], [False]),
+        ("c", "ok", 0.1, False, ["a red square"], [True]),
+        ("d", "ok", 0.6, True, ["a red circle"], [True]),
+        ("e", "ok", 0.2, False, ["a red circle on a plain background"], [True]),
+        ("f", "ok", 0.3, False, [], []),
+        ("g", "http_404", None, False, [], []),  # not downloaded: not counted
+    ]
+    rows = [{"key": k, "status": s, "web_itm": w, "web_kept": wk, "synthetic_texts": st, "synthetic_kept": sk}
+            for k, s, w, wk, st, sk in samples]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "samples.parquet")
+
+    summary = bootstrap.capfilt_summary([tmp_path / "samples.parquet"], tmp_path / "web.parquet", threshold=0.5)
+    by_type = summary["filter"]["by_type"]
+    assert by_type["clean"] == {"count": 3, "removed": pytest.approx(1 / 3)}
+    # junk: removed, one clean text (f) removed too -> precision 1/2; its score 0.1 is below every clean one
+    assert by_type["junk"]["recall"] == 1.0 and by_type["junk"]["precision"] == 0.5 and by_type["junk"]["auc"] == 1.0
+    # mismatched 0.6 is above f's 0.3 and below a's and b's: AUC 2/3, kept -> recall 0, precision 0
+    assert by_type["mismatched"]["recall"] == 0.0 and by_type["mismatched"]["auc"] == pytest.approx(2 / 3)
+    assert by_type["mismatched"]["precision"] == 0.0
+    assert summary["captions"] == {"captions": 6, "attribute_check": pytest.approx(4 / 6), "images": 5,
+                                   "images_with_a_right_caption": pytest.approx(4 / 5)}
+    # raw: 3 of 6 noisy; kept web a, b, d (d noisy); kept synthetic a (right), c (wrong), d, e (right)
+    assert summary["noise"] == {"raw_web": 0.5, "kept_web_texts": pytest.approx(1 / 3),
+                                "kept_synthetic_wrong": 0.25, "kept_set": pytest.approx(2 / 7)}
+    assert summary["pairs"] == {"raw_web": 6, "kept_web": 3, "synthetic_added": 4, "kept_set": 7}
+    text = bootstrap.summary_text(summary)
+    assert "ROC-AUC 1.00, removed 100% (recall), precision 50%" in text
+    assert "50% of the raw web texts are wrong; after CapFilt 29% of the kept web pairs are" in text
+    assert "6 raw web pairs -> 3 web texts kept + 4 synthetic captions added = 7" in text

@@ -378,3 +378,50 @@ def test_scene_json_round_trip() -> None:
     assert isinstance(scene, Scene)
     restored = [SceneObject(**d) for d in json.loads(scene.objects_json())]
     assert tuple(restored) == scene.objects
+
+
+# ---- worlds -----------------------------------------------------------------------------------------
+
+
+def test_demo_world_draws_only_its_values_and_stays_checkable(tmp_path: Path) -> None:
+    from capfilt.synth import WORLDS
+
+    demo = WORLDS["demo"]
+    summary = make_corpus(tmp_path, images=120, seed=3, human_images=10, test_images=10, size=32, world="demo",
+                          progress=False)
+    assert summary["world"] == "demo" and json.loads((tmp_path / "corpus.json").read_text())["world"] == "demo"
+    counts = set()
+    for split in ("web", "human", "test"):
+        for row in _rows(tmp_path, split):
+            objects = json.loads(row["objects"])
+            counts.add(len(objects))
+            assert row["background"] == "plain"
+            assert {(o["color"], o["shape"], o["size"]) for o in objects} <= {
+                (c, s, z) for c in demo.colors for s in demo.shapes for z in demo.sizes
+            }
+            for caption in row.get("captions") or []:
+                assert check_caption(caption, objects)
+    assert counts == {1, 2}
+    web = _rows(tmp_path, "web")
+    assert {r["noise_type"] for r in web} == {"clean", "mismatched", "junk", "wrong_attribute"}
+    for row in web:
+        if row["noise_type"] == "wrong_attribute":  # the wrong value is one of the world's own
+            stated = caption_pairs(row["text"])
+            assert not check_caption(row["text"], row["objects"])
+            assert {c for c, _ in stated} <= set(demo.colors) and {s for _, s in stated} <= set(demo.shapes)
+        elif row["noise_type"] == "clean":
+            assert check_caption(row["text"], row["objects"])
+
+
+def test_standard_world_is_the_default_and_unknown_worlds_are_user_errors(tmp_path: Path) -> None:
+    for index in range(20):
+        assert sample_scene(np.random.default_rng([5, index])) == sample_scene(
+            np.random.default_rng([5, index]), "standard"
+        )
+    with pytest.raises(UserError, match="world"):
+        make_corpus(tmp_path, images=2, seed=0, world="nope", progress=False)
+    from capfilt.synth import World
+
+    with pytest.raises(ValueError, match="unknown values"):
+        World(name="x", shapes=("blob",), colors=("red",), sizes=("large",), backgrounds=("plain",),
+              object_counts=((1, 1.0),), description="")
