@@ -109,7 +109,9 @@ class CorpusSection(_Section):
     seed: int = 0
     noise: float = Field(default=0.4, ge=0, le=1, description="Share of noisy synthetic web texts.")
     size: int = Field(default=64, ge=16, description="Synthetic image side in pixels.")
-    world: str = Field(default="standard", description="Synthetic world preset (capfilt.synth.WORLDS): standard or demo.")
+    world: str = Field(
+        default="standard", description="Synthetic world preset (capfilt.synth.WORLDS): standard or demo."
+    )
     dir: str | None = Field(default=None, description="An existing `capfilt synth` corpus directory.")
     human: str | None = Field(default=None, description="Human pairs Parquet: image, captions.")
     urls: str | None = Field(default=None, description="Web URL list (Parquet with url_col, text_col).")
@@ -157,7 +159,8 @@ class StepTraining(_Section):
 
 class PretrainStep(StepTraining):
     round0_web: bool = Field(
-        default=True, description="Round 0 also pre-trains on the raw web pairs (BLIP's first model sees them)."
+        default=True,
+        description="Round 0 also pre-trains on the raw web pairs (BLIP's first model sees them).",
     )
 
 
@@ -201,9 +204,7 @@ class EvalSection(_Section):
     num_beams: int = Field(default=3, ge=1)
     max_length: int = Field(default=20, ge=1)
     min_length: int = Field(default=5, ge=0)
-    prompt: str = Field(
-        default="", description="Caption prompt; pre-training uses none, so none by default."
-    )
+    prompt: str = Field(default="", description="Caption prompt; pre-training uses none, so none by default.")
 
 
 class EnsembleSection(_Section):
@@ -226,7 +227,9 @@ class BootstrapConfig(_Section):
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     rounds: int = Field(default=1, ge=1)
-    from_scratch: bool = Field(default=True, description="Pre-train MED_r from scratch (BLIP Table 13) or continue.")
+    from_scratch: bool = Field(
+        default=True, description="Pre-train MED_r from scratch (BLIP Table 13) or continue."
+    )
     ensemble: EnsembleSection = Field(default_factory=EnsembleSection)
     ablation: bool = False
     output: BootstrapOutput = Field(default_factory=BootstrapOutput)
@@ -315,8 +318,11 @@ class State:
         return bool(self.steps.get(name, {}).get("done"))
 
     def mark(self, name: str, seconds: float | None) -> None:
-        self.steps[name] = {"done": True, "seconds": None if seconds is None else round(seconds, 2),
-                            "finished_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        self.steps[name] = {
+            "done": True,
+            "seconds": None if seconds is None else round(seconds, 2),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
         _atomic_write(self.path, json.dumps({"version": 1, "steps": self.steps}, indent=2) + "\n")
 
 
@@ -326,7 +332,9 @@ def _fault(variable: str, name: str) -> None:
         raise InjectedFault(f"{variable}={wanted}: injected failure at step {name}")
 
 
-def run_steps(steps: Sequence[Step], state: State, *, echo: Callable[[str], None] = print) -> dict[str, float]:
+def run_steps(
+    steps: Sequence[Step], state: State, *, echo: Callable[[str], None] = print
+) -> dict[str, float]:
     """Run the steps in order, skipping committed ones; returns seconds of the steps run now.
 
     A step counts as committed when state.json says so AND its artifact exists. An artifact that
@@ -448,8 +456,12 @@ def _web_pairs(path: Path) -> Any:
     import pyarrow.parquet as pq
 
     data = pq.read_table(path, columns=["key", "image", "text"]).to_pydict()
-    rows = [(k, i, t) for k, i, t in zip(data["key"], data["image"], data["text"], strict=True) if t and t.strip()]
-    return _pairs_table([str(r[0]) for r in rows], [r[1] for r in rows], [[r[2]] for r in rows], ["web"] * len(rows))
+    rows = [
+        (k, i, t) for k, i, t in zip(data["key"], data["image"], data["text"], strict=True) if t and t.strip()
+    ]
+    return _pairs_table(
+        [str(r[0]) for r in rows], [r[1] for r in rows], [[r[2]] for r in rows], ["web"] * len(rows)
+    )
 
 
 def _tar_images(path: Path) -> dict[str, bytes]:
@@ -464,7 +476,9 @@ def _tar_images(path: Path) -> dict[str, bytes]:
     return images
 
 
-def selected_pairs(pipeline_dir: Path, *, threshold: float | None, keep_web: bool, keep_synthetic: int) -> Any:
+def selected_pairs(
+    pipeline_dir: Path, *, threshold: float | None, keep_web: bool, keep_synthetic: int
+) -> Any:
     """Pairs a selection rule keeps from a pipeline run's samples, with their downloaded images.
 
     One row per kept text (a web text and a synthetic caption of the same image are two rows,
@@ -486,7 +500,9 @@ def selected_pairs(pipeline_dir: Path, *, threshold: float | None, keep_web: boo
         )  # fmt: skip
         tar = writer.images_path(pipeline_dir, shard)
         shard_images = _tar_images(tar) if tar.is_file() else {}
-        for row in samples.select(["key", "web_text", "web_kept", "synthetic_texts", "synthetic_kept"]).to_pylist():
+        for row in samples.select(
+            ["key", "web_text", "web_kept", "synthetic_texts", "synthetic_kept"]
+        ).to_pylist():
             texts = [(row["web_text"], "web")] if row["web_kept"] else []
             pairs = zip(row["synthetic_texts"] or [], row["synthetic_kept"] or [], strict=True)
             texts += [(text, "synthetic") for text, kept in pairs if kept]
@@ -581,38 +597,92 @@ class Bootstrap:
         steps: list[Step] = []
         if cfg.corpus.synthetic and not cfg.corpus.dir:
             steps.append(Step(name="corpus", target=self.run_dir / "corpus", run=self._corpus_step))
-        steps.append(Step(name="round-0/pretrain", target=self.round_dir(0) / "pretrain",
-                          run=self._pretrain_step(0), resumable=True))
-        steps.append(Step(name="round-0/eval", target=self.round_dir(0) / "eval.json", run=self._eval_step(0)))
+        steps.append(
+            Step(
+                name="round-0/pretrain",
+                target=self.round_dir(0) / "pretrain",
+                run=self._pretrain_step(0),
+                resumable=True,
+            )
+        )
+        steps.append(
+            Step(name="round-0/eval", target=self.round_dir(0) / "eval.json", run=self._eval_step(0))
+        )
         for r in range(1, rounds + 1):
             rd = self.round_dir(r)
             for kind, count in (("captioner", cfg.ensemble.captioners), ("filter", cfg.ensemble.filters)):
                 for i in range(count):
                     name = self.member_name(kind, i)
-                    steps.append(Step(name=f"round-{r}/{name}", target=rd / name,
-                                      run=self._finetune_step(kind, r, i), resumable=True))
-            steps.append(Step(name=f"round-{r}/pipeline", target=rd / "pipeline", run=self._pipeline_step(r),
-                              resumable=True))
-            steps.append(Step(name=f"round-{r}/pretrain", target=rd / "pretrain", run=self._pretrain_step(r),
-                              resumable=True))
+                    steps.append(
+                        Step(
+                            name=f"round-{r}/{name}",
+                            target=rd / name,
+                            run=self._finetune_step(kind, r, i),
+                            resumable=True,
+                        )
+                    )
+            steps.append(
+                Step(
+                    name=f"round-{r}/pipeline",
+                    target=rd / "pipeline",
+                    run=self._pipeline_step(r),
+                    resumable=True,
+                )
+            )
+            steps.append(
+                Step(
+                    name=f"round-{r}/pretrain",
+                    target=rd / "pretrain",
+                    run=self._pretrain_step(r),
+                    resumable=True,
+                )
+            )
             steps.append(Step(name=f"round-{r}/eval", target=rd / "eval.json", run=self._eval_step(r)))
         if ablation:
             for variant in self.ablation_variants_to_train():
                 base = self.run_dir / "ablation" / variant
-                steps.append(Step(name=f"ablation/{variant}/pretrain", target=base / "pretrain",
-                                  run=self._ablation_pretrain_step(variant), resumable=True))
-                steps.append(Step(name=f"ablation/{variant}/eval", target=base / "eval.json",
-                                  run=self._ablation_eval_step(variant)))
+                steps.append(
+                    Step(
+                        name=f"ablation/{variant}/pretrain",
+                        target=base / "pretrain",
+                        run=self._ablation_pretrain_step(variant),
+                        resumable=True,
+                    )
+                )
+                steps.append(
+                    Step(
+                        name=f"ablation/{variant}/eval",
+                        target=base / "eval.json",
+                        run=self._ablation_eval_step(variant),
+                    )
+                )
         return steps
 
     def _corpus_step(self, staging: Path, resuming: bool) -> None:
         c = self.cfg.corpus
-        make_corpus(staging, images=c.images, seed=c.seed, noise=c.noise, size=c.size, world=c.world,
-                    human_images=c.human_images, test_images=c.test_images, progress=self.progress)
+        make_corpus(
+            staging,
+            images=c.images,
+            seed=c.seed,
+            noise=c.noise,
+            size=c.size,
+            world=c.world,
+            human_images=c.human_images,
+            test_images=c.test_images,
+            progress=self.progress,
+        )
 
     # ---- training
-    def _training_yaml(self, kind: str, settings: StepTraining, *, init: str, sources: list[dict[str, Any]],
-                       out: Path, seed: int) -> dict[str, Any]:
+    def _training_yaml(
+        self,
+        kind: str,
+        settings: StepTraining,
+        *,
+        init: str,
+        sources: list[dict[str, Any]],
+        out: Path,
+        seed: int,
+    ) -> dict[str, Any]:
         model: dict[str, Any] = {"init": init}
         if init == "scratch":
             m = self.cfg.model
@@ -622,8 +692,12 @@ class Bootstrap:
         train["progress"] = self.progress and train["progress"]
         return {
             "model": model,
-            "data": {"sources": sources, "augment": settings.augment.model_dump(mode="json"),
-                     "max_length": settings.max_length, "num_workers": settings.num_workers},
+            "data": {
+                "sources": sources,
+                "augment": settings.augment.model_dump(mode="json"),
+                "max_length": settings.max_length,
+                "num_workers": settings.num_workers,
+            },
             "optim": settings.optim.model_dump(mode="json"),
             "train": train,
             "output": {"dir": str(out)},
@@ -648,8 +722,14 @@ class Bootstrap:
 
         def run(staging: Path, resuming: bool) -> None:
             sources = [{"path": str(self.corpus.human), "format": "parquet", "captions": "expand"}]
-            config = self._training_yaml(kind, settings, init=str(self.model_dir(r - 1)), sources=sources,
-                                         out=staging, seed=settings.train.seed + 1000 * r + i)
+            config = self._training_yaml(
+                kind,
+                settings,
+                init=str(self.model_dir(r - 1)),
+                sources=sources,
+                out=staging,
+                seed=settings.train.seed + 1000 * r + i,
+            )
             self._train(kind, config, staging, resuming)
 
         return run
@@ -666,8 +746,14 @@ class Bootstrap:
 
     def _pretrain(self, data: Path, *, init: str, staging: Path, resuming: bool) -> None:
         sources = [{"path": str(data), "format": "parquet", "captions": "expand"}]
-        config = self._training_yaml("pretrain", self.cfg.pretrain, init=init, sources=sources, out=staging,
-                                     seed=self.cfg.pretrain.train.seed)
+        config = self._training_yaml(
+            "pretrain",
+            self.cfg.pretrain,
+            init=init,
+            sources=sources,
+            out=staging,
+            seed=self.cfg.pretrain.train.seed,
+        )
         self._train("pretrain", config, staging, resuming)
 
     def pretrain_pairs(self, r: int) -> Any:
@@ -714,8 +800,11 @@ class Bootstrap:
 
             data = staging / "data" / "pairs.parquet"
             if not data.is_file():
-                _write_pairs(pa.concat_tables([_human_pairs(self.corpus.human), self.variant_pairs(variant)]), data,
-                             seed=self.cfg.pretrain.train.seed + 1)
+                _write_pairs(
+                    pa.concat_tables([_human_pairs(self.corpus.human), self.variant_pairs(variant)]),
+                    data,
+                    seed=self.cfg.pretrain.train.seed + 1,
+                )
             # Same budget and start as round 1's MED: only the data differs.
             init = "scratch" if self.cfg.from_scratch else str(self.model_dir(0))
             self._pretrain(data, init=init, staging=staging, resuming=resuming)
@@ -728,7 +817,9 @@ class Bootstrap:
         p = self.cfg.pipeline
         c = self.cfg.corpus
         rd = self.round_dir(r)
-        captioners = [str(rd / self.member_name("captioner", i) / "hf") for i in range(self.cfg.ensemble.captioners)]
+        captioners = [
+            str(rd / self.member_name("captioner", i) / "hf") for i in range(self.cfg.ensemble.captioners)
+        ]
         filters = [str(rd / self.member_name("filter", i) / "hf") for i in range(self.cfg.ensemble.filters)]
         models = {"caption": captioners, "filter": filters}
 
@@ -740,9 +831,14 @@ class Bootstrap:
         synthetic = c.synthetic
         keep_cols = ["noise_type", "noisy"] if synthetic else []
         return PipelineConfig(
-            input=InputConfig(path=str(urls), format="parquet", url_col="URL" if synthetic else c.url_col,
-                              text_col="TEXT" if synthetic else c.text_col,
-                              key_col="key" if synthetic else c.key_col, keep_cols=keep_cols),
+            input=InputConfig(
+                path=str(urls),
+                format="parquet",
+                url_col="URL" if synthetic else c.url_col,
+                text_col="TEXT" if synthetic else c.text_col,
+                key_col="key" if synthetic else c.key_col,
+                keep_cols=keep_cols,
+            ),
             download=p.download,
             caption=CaptionConfig(**stage(p.caption, "caption")),
             filter=FilterConfig(**stage(p.filter, "filter")),
@@ -768,8 +864,17 @@ class Bootstrap:
     # ---- evaluation
     def _evaluate_model(self, model: Path) -> dict[str, Any]:
         e = self.cfg.eval
-        return evaluate(model, self.corpus.test, batch_size=e.batch_size, k_test=e.k_test, num_beams=e.num_beams,
-                        max_length=e.max_length, min_length=e.min_length, prompt=e.prompt, limit=e.limit)
+        return evaluate(
+            model,
+            self.corpus.test,
+            batch_size=e.batch_size,
+            k_test=e.k_test,
+            num_beams=e.num_beams,
+            max_length=e.max_length,
+            min_length=e.min_length,
+            prompt=e.prompt,
+            limit=e.limit,
+        )
 
     def _filter_metrics(self, r: int) -> dict[str, Any] | None:
         """Round r's filter judged on the web noise labels, from the scores the pipeline stored."""
@@ -786,13 +891,20 @@ class Bootstrap:
         names = pq.read_schema(files[0]).names
         if not {"noisy", "noise_type"} <= set(names):
             return None
-        rows = [row for f in files
-                for row in pq.read_table(f, columns=["status", "web_itm", "noisy", "noise_type"]).to_pylist()
-                if row["status"] == "ok" and row["web_itm"] is not None and not math.isnan(row["web_itm"])]
+        rows = [
+            row
+            for f in files
+            for row in pq.read_table(f, columns=["status", "web_itm", "noisy", "noise_type"]).to_pylist()
+            if row["status"] == "ok" and row["web_itm"] is not None and not math.isnan(row["web_itm"])
+        ]
         if not rows:
             return None
-        return filter_metrics(np.array([r["web_itm"] for r in rows]), [bool(r["noisy"]) for r in rows],
-                              [r["noise_type"] for r in rows], threshold=self.cfg.pipeline.filter.threshold)
+        return filter_metrics(
+            np.array([r["web_itm"] for r in rows]),
+            [bool(r["noisy"]) for r in rows],
+            [r["noise_type"] for r in rows],
+            threshold=self.cfg.pipeline.filter.threshold,
+        )
 
     def _capfilt_summary(self, r: int) -> dict[str, Any] | None:
         """What round r's CapFilt did to the web pairs, judged on the synthetic corpus's own truth."""
@@ -810,7 +922,9 @@ class Bootstrap:
         def run(staging: Path, resuming: bool) -> None:
             import pyarrow.parquet as pq
 
-            pairs = pq.read_table(self.round_dir(r) / "pretrain" / "data" / "pairs.parquet", columns=["source"])
+            pairs = pq.read_table(
+                self.round_dir(r) / "pretrain" / "data" / "pairs.parquet", columns=["source"]
+            )
             result = {
                 "round": r,
                 "model": str(self.model_dir(r)),
@@ -877,8 +991,12 @@ def capfilt_summary(samples_files: Sequence[Path], web_labels: Path, *, threshol
     labels = pq.read_table(web_labels, columns=["key", "noise_type", "objects"]).to_pylist()
     truth = {row["key"]: row for row in labels}
     columns = ["key", "status", "web_itm", "web_kept", "synthetic_texts", "synthetic_kept"]
-    rows = [row for f in samples_files for row in pq.read_table(f, columns=columns).to_pylist()
-            if row["status"] == "ok" and row["key"] in truth]
+    rows = [
+        row
+        for f in samples_files
+        for row in pq.read_table(f, columns=columns).to_pylist()
+        if row["status"] == "ok" and row["key"] in truth
+    ]
     types = [truth[row["key"]]["noise_type"] for row in rows]
     scores = np.array([math.nan if row["web_itm"] is None else row["web_itm"] for row in rows], dtype=float)
     removed = np.array([not row["web_kept"] for row in rows], dtype=bool)
@@ -888,12 +1006,17 @@ def capfilt_summary(samples_files: Sequence[Path], web_labels: Path, *, threshol
     per_type: dict[str, dict[str, Any]] = {}
     for kind in sorted(set(types)):
         mine = type_arr == kind
-        entry: dict[str, Any] = {"count": int(mine.sum()), "removed": float(removed[mine].mean()) if mine.any() else None}
+        entry: dict[str, Any] = {
+            "count": int(mine.sum()),
+            "removed": float(removed[mine].mean()) if mine.any() else None,
+        }
         if kind != "clean":
             true_removed = int((removed & mine).sum())
             false_removed = int((removed & (type_arr == "clean")).sum())
             entry["recall"] = entry["removed"]
-            entry["precision"] = true_removed / (true_removed + false_removed) if true_removed + false_removed else None
+            entry["precision"] = (
+                true_removed / (true_removed + false_removed) if true_removed + false_removed else None
+            )
             entry["auc"] = roc_auc(scores[clean], scores[mine & scored])
         per_type[kind] = entry
 
@@ -936,8 +1059,12 @@ def capfilt_summary(samples_files: Sequence[Path], web_labels: Path, *, threshol
             "kept_synthetic_wrong": share(kept_synth_wrong, kept_synth),
             "kept_set": share(kept_web_noisy + kept_synth_wrong, n_kept_web + kept_synth),
         },
-        "pairs": {"raw_web": n_web, "kept_web": n_kept_web, "synthetic_added": kept_synth,
-                  "kept_set": n_kept_web + kept_synth},
+        "pairs": {
+            "raw_web": n_web,
+            "kept_web": n_kept_web,
+            "synthetic_added": kept_synth,
+            "kept_set": n_kept_web + kept_synth,
+        },
     }
 
 
@@ -958,16 +1085,23 @@ def summary_text(summary: dict[str, Any], r: int = 1) -> str:
         f"  The filter (ITM score < {summary['threshold']:g} removes a web text) — ROC-AUC: 0.5 is a coin flip, 1.0 "
         "ranks every correct text above every noisy one:",
     ]
-    names = {"junk": "junk (file names, shop slogans)", "mismatched": "mismatched (another image's text)",
-             "wrong_attribute": "wrong attribute (one colour or shape wrong)"}
+    names = {
+        "junk": "junk (file names, shop slogans)",
+        "mismatched": "mismatched (another image's text)",
+        "wrong_attribute": "wrong attribute (one colour or shape wrong)",
+    }
     for kind in ("junk", "mismatched", "wrong_attribute"):
         if kind in by_type:
             e = by_type[kind]
-            lines.append(f"    {names[kind]:<44} ROC-AUC {_auc_text(e.get('auc'))}, removed {_pct_text(e.get('recall'))} "
-                         f"(recall), precision {_pct_text(e.get('precision'))}, n={e['count']}")
+            lines.append(
+                f"    {names[kind]:<44} ROC-AUC {_auc_text(e.get('auc'))}, removed {_pct_text(e.get('recall'))} "
+                f"(recall), precision {_pct_text(e.get('precision'))}, n={e['count']}"
+            )
     if "clean" in by_type:
-        lines.append(f"    {'correct web texts':<44} removed {_pct_text(by_type['clean'].get('removed'))} by mistake, "
-                     f"n={by_type['clean']['count']}")
+        lines.append(
+            f"    {'correct web texts':<44} removed {_pct_text(by_type['clean'].get('removed'))} by mistake, "
+            f"n={by_type['clean']['count']}"
+        )
     lines += [
         f"  The captioner: {_pct_text(caps['attribute_check'])} of its {caps['captions']:,} synthetic captions name "
         f"every object's colour and shape correctly (attribute check); {_pct_text(caps['images_with_a_right_caption'])} "
@@ -1048,8 +1182,10 @@ def write_ablation(run_dir: Path, *, raw_from_round0: bool = False) -> tuple[Pat
 
     lines = [f"{'pre-training data':<32} {'pairs':>7} {'TR@1':>6} {'IR@1':>6} {'CIDEr':>6}"]
     for row in rows:
-        lines.append(f"{_ABLATION_LABELS[row['variant']]:<32} {row.get('pairs', 0):>7} {cell(row.get('txt_r1')):>6} "
-                     f"{cell(row.get('img_r1')):>6} {cell(row.get('cider'), 100):>6}")
+        lines.append(
+            f"{_ABLATION_LABELS[row['variant']]:<32} {row.get('pairs', 0):>7} {cell(row.get('txt_r1')):>6} "
+            f"{cell(row.get('img_r1')):>6} {cell(row.get('cider'), 100):>6}"
+        )
     return run_dir / ABLATION_FILE, "\n".join(lines)
 
 
@@ -1061,7 +1197,9 @@ def _check_config(run_dir: Path, cfg: BootstrapConfig) -> None:
         old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
         strip = lambda d: {k: v for k, v in d.items() if k not in _FREE_FIELDS}  # noqa: E731
         if strip(old) != strip(new):
-            changed = sorted(k for k in set(old) | set(new) if k not in _FREE_FIELDS and old.get(k) != new.get(k))
+            changed = sorted(
+                k for k in set(old) | set(new) if k not in _FREE_FIELDS and old.get(k) != new.get(k)
+            )
             raise UserError(
                 f"{run_dir}: holds a bootstrap run with a different config ({', '.join(changed)} changed); "
                 "use another --out or delete it"
@@ -1106,8 +1244,11 @@ def run_bootstrap(
     steps = boot.steps(rounds=cfg.rounds, ablation=cfg.ablation)
     state = State(run_dir / STATE_FILE)
     started = time.perf_counter()
-    print(f"capfilt bootstrap: {run_dir} ({cfg.rounds} round(s){', ablation' if cfg.ablation else ''}, "
-          f"{len(steps)} steps)", flush=True)
+    print(
+        f"capfilt bootstrap: {run_dir} ({cfg.rounds} round(s){', ablation' if cfg.ablation else ''}, "
+        f"{len(steps)} steps)",
+        flush=True,
+    )
 
     def echo(text: str) -> None:
         print(text, flush=True)

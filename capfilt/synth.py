@@ -81,7 +81,6 @@ BACKGROUNDS: dict[str, tuple[str, ...]] = {
 """Background kinds and the adjectives captions use for them."""
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class World:
     """Which of the vocabulary's values a corpus draws from: a named preset of :data:`WORLDS`.
@@ -100,8 +99,12 @@ class World:
     description: str
 
     def __post_init__(self) -> None:
-        unknown = ([s for s in self.shapes if s not in SHAPES] + [c for c in self.colors if c not in COLORS]
-                   + [z for z in self.sizes if z not in SIZES] + [b for b in self.backgrounds if b not in BACKGROUNDS])
+        unknown = (
+            [s for s in self.shapes if s not in SHAPES]
+            + [c for c in self.colors if c not in COLORS]
+            + [z for z in self.sizes if z not in SIZES]
+            + [b for b in self.backgrounds if b not in BACKGROUNDS]
+        )
         if unknown:
             raise ValueError(f"world {self.name!r}: unknown values {unknown}")
         if not (self.shapes and self.colors and self.sizes and self.backgrounds and self.object_counts):
@@ -116,13 +119,21 @@ class World:
 
 WORLDS: dict[str, World] = {
     "standard": World(
-        name="standard", shapes=SHAPES, colors=tuple(COLORS), sizes=tuple(SIZES), backgrounds=tuple(BACKGROUNDS),
+        name="standard",
+        shapes=SHAPES,
+        colors=tuple(COLORS),
+        sizes=tuple(SIZES),
+        backgrounds=tuple(BACKGROUNDS),
         object_counts=((1, 0.35), (2, 0.4), (3, 0.25)),
         description="7 shapes x 8 colours, 3 sizes, 1-3 objects on 5 textured backgrounds (the benchmarks)",
     ),
     "demo": World(
-        name="demo", shapes=("circle", "square", "triangle", "star"), colors=("red", "yellow", "green", "blue"),
-        sizes=("medium", "large"), backgrounds=("plain",), object_counts=((1, 0.6), (2, 0.4)),
+        name="demo",
+        shapes=("circle", "square", "triangle", "star"),
+        colors=("red", "yellow", "green", "blue"),
+        sizes=("medium", "large"),
+        backgrounds=("plain",),
+        object_counts=((1, 0.6), (2, 0.4)),
         description="4 shapes x 4 colours, medium or large, 1-2 objects on plain backgrounds (the bootstrap demo)",
     ),
 }
@@ -301,8 +312,15 @@ def sample_scene(rng: np.random.Generator, world: World | str = DEFAULT_WORLD) -
             raise AssertionError("could not place an object")
         angle = float(rng.uniform(-12.0, 12.0))
         objects.append(
-            SceneObject(shape=shape, color=color, size=size, position=position, x=round(x, 4),
-                        y=round(y, 4), angle=round(angle, 2))
+            SceneObject(
+                shape=shape,
+                color=color,
+                size=size,
+                position=position,
+                x=round(x, 4),
+                y=round(y, 4),
+                angle=round(angle, 2),
+            )
         )
     background = world.backgrounds[int(rng.integers(len(world.backgrounds)))]
     return Scene(objects=tuple(objects), background=background, texture_seed=int(rng.integers(2**31)))
@@ -352,7 +370,9 @@ def _background(kind: str, side: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _rotate(points: Iterable[tuple[float, float]], angle: float, cx: float, cy: float) -> list[tuple[float, float]]:
+def _rotate(
+    points: Iterable[tuple[float, float]], angle: float, cx: float, cy: float
+) -> list[tuple[float, float]]:
     rad = math.radians(angle)
     c, s = math.cos(rad), math.sin(rad)
     return [(cx + px * c - py * s, cy + px * s + py * c) for px, py in points]
@@ -376,8 +396,20 @@ def _outline(shape: str, r: float) -> list[tuple[float, float]]:
         return pts
     if shape == "cross":
         t = r * 0.33
-        return [(-t, -r), (t, -r), (t, -t), (r, -t), (r, t), (t, t), (t, r), (-t, r), (-t, t),
-                (-r, t), (-r, -t), (-t, -t)]
+        return [
+            (-t, -r),
+            (t, -r),
+            (t, -t),
+            (r, -t),
+            (r, t),
+            (t, t),
+            (t, r),
+            (-t, r),
+            (-t, t),
+            (-r, t),
+            (-r, -t),
+            (-t, -t),
+        ]
     if shape == "heart":
         pts = []
         for i in range(48):
@@ -408,8 +440,9 @@ def render(scene: Scene, *, size: int = 96) -> Image.Image:
         if obj.shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=edge, width=width)
         else:
-            draw.polygon(_rotate(_outline(obj.shape, r), obj.angle, cx, cy), fill=fill, outline=edge,
-                         width=width)
+            draw.polygon(
+                _rotate(_outline(obj.shape, r), obj.angle, cx, cy), fill=fill, outline=edge, width=width
+            )
     return canvas.resize((size, size), Image.Resampling.LANCZOS)
 
 
@@ -432,8 +465,14 @@ def _with_article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _noun_phrase(obj: SceneObject, rng: np.random.Generator, *, sized: bool = False,
-                 placed: bool = False, article: bool = True) -> str:
+def _noun_phrase(
+    obj: SceneObject,
+    rng: np.random.Generator,
+    *,
+    sized: bool = False,
+    placed: bool = False,
+    article: bool = True,
+) -> str:
     """'a small red circle at the top left' and its shorter forms; colour always binds the shape."""
     words = f"{obj.color} {obj.shape}"
     if sized and (obj.size != "medium" or rng.random() < 0.3):
@@ -476,17 +515,24 @@ def _human_templates(scene: Scene, rng: np.random.Generator) -> list[str]:
     n = len(objs)
     bg = _pick(rng, BACKGROUNDS[scene.background])
 
-    def listed(*, sized: bool = False, placed: bool = False, order: Sequence[SceneObject] | None = None) -> str:
+    def listed(
+        *, sized: bool = False, placed: bool = False, order: Sequence[SceneObject] | None = None
+    ) -> str:
         order = _shuffled(objs, rng) if order is None else order
         return _join([_noun_phrase(o, rng, sized=sized, placed=placed) for o in order])
 
     out = [
         f"{listed()} on {_with_article(bg)} background",
-        (f"{_COUNT_WORDS[n]} shapes: {listed(sized=True)}" if n > 1
-         else f"a single {_noun_phrase(objs[0], rng, sized=True, article=False)} on {_with_article(bg)} background"),
+        (
+            f"{_COUNT_WORDS[n]} shapes: {listed(sized=True)}"
+            if n > 1
+            else f"a single {_noun_phrase(objs[0], rng, sized=True, article=False)} on {_with_article(bg)} background"
+        ),
         listed(sized=True, placed=True),
         f"{listed(sized=True)} against {_with_article(bg)} backdrop",
-        f"there is {listed()} in the picture" if rng.random() < 0.5 else f"the picture shows {listed(placed=True)}",
+        f"there is {listed()} in the picture"
+        if rng.random() < 0.5
+        else f"the picture shows {listed(placed=True)}",
         f"{_with_article(bg)} background with {listed(sized=True)}",
         f"a drawing of {listed()}",
     ]
@@ -557,7 +603,9 @@ def junk_text(rng: np.random.Generator) -> str:
     return " ".join(_JUNK_SEO[int(i)] for i in words)
 
 
-def wrong_attribute_scene(scene: Scene, rng: np.random.Generator, world: World | str = DEFAULT_WORLD) -> Scene:
+def wrong_attribute_scene(
+    scene: Scene, rng: np.random.Generator, world: World | str = DEFAULT_WORLD
+) -> Scene:
     """The scene with one object's colour (60%) or shape (40%) changed to another value of the world
     that makes a (colour, shape) pair not in the scene."""
     world = get_world(world)
@@ -581,8 +629,14 @@ def all_words() -> list[str]:
     Numbers in file names and years come out as single digits, so ``0``..``9`` stand for them.
     Feed this to a tokenizer trainer together with the corpus texts to guarantee no [UNK].
     """
-    parts: list[str] = [" ".join(SHAPES), " ".join(COLORS), _HUMAN_TEMPLATE_WORDS, " ".join(_JUNK_SEO),
-                        " ".join(_COUNT_WORDS.values()), "0 1 2 3 4 5 6 7 8 9"]
+    parts: list[str] = [
+        " ".join(SHAPES),
+        " ".join(COLORS),
+        _HUMAN_TEMPLATE_WORDS,
+        " ".join(_JUNK_SEO),
+        " ".join(_COUNT_WORDS.values()),
+        "0 1 2 3 4 5 6 7 8 9",
+    ]
     for group in (BACKGROUNDS, _SIZE_WORDS, _POSITION_PHRASES):
         parts.extend(" ".join(v) for v in group.values())
     parts.extend(_WEB_CLUTTER + _JUNK_SLOGANS + _JUNK_FILENAMES)
@@ -597,8 +651,13 @@ def all_words() -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 _SHAPE_FORMS: dict[str, str] = {s: s for s in SHAPES} | {
-    "circles": "circle", "squares": "square", "triangles": "triangle", "stars": "star",
-    "crosses": "cross", "diamonds": "diamond", "hearts": "heart",
+    "circles": "circle",
+    "squares": "square",
+    "triangles": "triangle",
+    "stars": "star",
+    "crosses": "cross",
+    "diamonds": "diamond",
+    "hearts": "heart",
 }
 _BINDING_WINDOW = 3
 """A colour binds a shape word when it is at most this many words before it ('red small circle')."""
@@ -640,8 +699,9 @@ def _as_objects(objects: Sequence[SceneObject | Mapping[str, Any]] | str) -> lis
     return out
 
 
-def check_caption(caption: str, objects: Sequence[SceneObject | Mapping[str, Any]] | str, *,
-                  strict: bool = True) -> bool:
+def check_caption(
+    caption: str, objects: Sequence[SceneObject | Mapping[str, Any]] | str, *, strict: bool = True
+) -> bool:
     """True iff the caption names the right colour and shape for every object in the image.
 
     ``objects``: SceneObjects, dicts with ``color`` and ``shape``, or the JSON string stored in the
@@ -680,7 +740,9 @@ def _key(split: str, index: int) -> str:
     return f"{split}-{index:06d}"
 
 
-def describe(seed: int, split: str, index: int, world: World | str = DEFAULT_WORLD) -> tuple[Scene, list[str]]:
+def describe(
+    seed: int, split: str, index: int, world: World | str = DEFAULT_WORLD
+) -> tuple[Scene, list[str]]:
     """An item's scene and texts (5 references, or the one truthful web text); cheap, no pixels."""
     rng = _item_rng(seed, split, index)
     scene = sample_scene(rng, world)
@@ -705,8 +767,9 @@ def _assign_noise(n: int, noise: float, rng: np.random.Generator) -> list[str]:
     return labels
 
 
-def _noisy_web_texts(scenes: Sequence[Scene], clean: Sequence[str], seed: int, noise: float,
-                     world: World | str = DEFAULT_WORLD) -> tuple[list[str], list[str], list[int | None]]:
+def _noisy_web_texts(
+    scenes: Sequence[Scene], clean: Sequence[str], seed: int, noise: float, world: World | str = DEFAULT_WORLD
+) -> tuple[list[str], list[str], list[int | None]]:
     """Replace a share of the web texts by noise; returns texts, noise types and source indices.
 
     The source index is the image the text was written for: itself for clean and wrong-attribute
@@ -733,6 +796,7 @@ def _noisy_web_texts(scenes: Sequence[Scene], clean: Sequence[str], seed: int, n
 
 def _donor(scenes: Sequence[Scene], i: int, rng: np.random.Generator) -> int | None:
     """A random other image whose objects differ from image i's, None if there is none."""
+
     def differs(j: int) -> bool:
         return j != i and scenes[j].pairs() != scenes[i].pairs()
 
@@ -774,8 +838,18 @@ class _Renderer:
             self._pool.join()
 
 
-def _write_split(out: Path, split: str, count: int, *, seed: int, size: int, noise: float, world: World,
-                 renderer: _Renderer, progress: bool) -> dict[str, Any]:
+def _write_split(
+    out: Path,
+    split: str,
+    count: int,
+    *,
+    seed: int,
+    size: int,
+    noise: float,
+    world: World,
+    renderer: _Renderer,
+    progress: bool,
+) -> dict[str, Any]:
     """Describe every item, add web noise, then render and write images and table batch by batch."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -785,18 +859,30 @@ def _write_split(out: Path, split: str, count: int, *, seed: int, size: int, noi
     scenes = [scene for scene, _ in described]
     keys = [_key(split, i) for i in range(count)]
     paths = [f"images/{split}/{key}.jpg" for key in keys]
-    fields: list[tuple[str, pa.DataType]] = [("key", pa.string()), ("image_path", pa.string()),
-                                             ("image", pa.binary())]
+    fields: list[tuple[str, pa.DataType]] = [
+        ("key", pa.string()),
+        ("image_path", pa.string()),
+        ("image", pa.binary()),
+    ]
     columns: dict[str, list[Any]] = {"key": keys, "image_path": paths}
     summary: dict[str, Any] = {"images": count}
     if split == "web":
-        texts, labels, sources = _noisy_web_texts(scenes, [texts[0] for _, texts in described], seed, noise,
-                                                  world)
+        texts, labels, sources = _noisy_web_texts(
+            scenes, [texts[0] for _, texts in described], seed, noise, world
+        )
         noisy = [label != "clean" for label in labels]
-        columns |= {"text": texts, "noise_type": labels, "noisy": noisy,
-                    "source_key": [None if s is None else keys[s] for s in sources]}
-        fields += [("text", pa.string()), ("noise_type", pa.string()), ("noisy", pa.bool_()),
-                   ("source_key", pa.string())]
+        columns |= {
+            "text": texts,
+            "noise_type": labels,
+            "noisy": noisy,
+            "source_key": [None if s is None else keys[s] for s in sources],
+        }
+        fields += [
+            ("text", pa.string()),
+            ("noise_type", pa.string()),
+            ("noisy", pa.bool_()),
+            ("source_key", pa.string()),
+        ]
         counts = {kind: labels.count(kind) for kind in NOISE_TYPES}
         summary |= {"noisy": count - counts["clean"], "noise_types": counts}
         urls = pa.table({"path": paths, "TEXT": texts, "key": keys, "noise_type": labels, "noisy": noisy})
@@ -812,8 +898,10 @@ def _write_split(out: Path, split: str, count: int, *, seed: int, size: int, noi
     image_dir = out / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     jpegs = renderer.jpegs(scenes, size)
-    with pq.ParquetWriter(out / f"{split}.parquet", schema) as writer, \
-            tqdm(total=count, desc=f"synth {split}", unit="img", disable=not progress) as bar:
+    with (
+        pq.ParquetWriter(out / f"{split}.parquet", schema) as writer,
+        tqdm(total=count, desc=f"synth {split}", unit="img", disable=not progress) as bar,
+    ):
         for start in range(0, count, _ROW_GROUP):
             stop = min(start + _ROW_GROUP, count)
             batch_images = []
@@ -824,8 +912,9 @@ def _write_split(out: Path, split: str, count: int, *, seed: int, size: int, noi
                 bar.update()
             batch = {name: columns[name][start:stop] for name in schema.names if name != "image"}
             batch["image"] = batch_images
-            writer.write_table(pa.table({f.name: pa.array(batch[f.name], type=f.type) for f in schema},
-                                        schema=schema))
+            writer.write_table(
+                pa.table({f.name: pa.array(batch[f.name], type=f.type) for f in schema}, schema=schema)
+            )
         if count == 0:
             writer.write_table(schema.empty_table())
     return summary
@@ -901,8 +990,17 @@ def make_corpus(
     renderer = _Renderer(workers=workers)
     try:
         for split, count in (("web", images), ("human", n_human), ("test", n_test)):
-            summary[split] = _write_split(out, split, count, seed=seed, size=size, noise=noise,
-                                          world=the_world, renderer=renderer, progress=progress)
+            summary[split] = _write_split(
+                out,
+                split,
+                count,
+                seed=seed,
+                size=size,
+                noise=noise,
+                world=the_world,
+                renderer=renderer,
+                progress=progress,
+            )
     finally:
         renderer.close()
     (out / "corpus.json").write_text(json.dumps(summary, indent=2) + "\n")
