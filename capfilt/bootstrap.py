@@ -104,6 +104,9 @@ class CorpusSection(_Section):
     seed: int = 0
     noise: float = Field(default=0.4, ge=0, le=1, description="Share of noisy synthetic web texts.")
     size: int = Field(default=64, ge=16, description="Synthetic image side in pixels.")
+    world: str = Field(
+        default="standard", description="Synthetic world preset (capfilt.synth.WORLDS): standard or demo."
+    )
     dir: str | None = Field(default=None, description="An existing `capfilt synth` corpus directory.")
     human: str | None = Field(default=None, description="Human pairs Parquet: image, captions.")
     urls: str | None = Field(default=None, description="Web URL list (Parquet with url_col, text_col).")
@@ -658,6 +661,7 @@ class Bootstrap:
             seed=c.seed,
             noise=c.noise,
             size=c.size,
+            world=c.world,
             human_images=c.human_images,
             test_images=c.test_images,
             progress=self.progress,
@@ -897,6 +901,18 @@ class Bootstrap:
             threshold=self.cfg.pipeline.filter.threshold,
         )
 
+    def _capfilt_summary(self, r: int) -> dict[str, Any] | None:
+        """What round r's CapFilt did to the web pairs, judged on the synthetic corpus's own truth."""
+        if self.corpus.web_labels is None or not self.corpus.web_labels.is_file():
+            return None
+        from capfilt.stages import write as writer
+
+        pipeline_dir = self.round_dir(r) / "pipeline"
+        files = [writer.samples_path(pipeline_dir, s) for s in sorted(writer.committed_shards(pipeline_dir))]
+        if not files:
+            return None
+        return capfilt_summary(files, self.corpus.web_labels, threshold=self.cfg.pipeline.filter.threshold)
+
     def _eval_step(self, r: int) -> Callable[[Path, bool], None]:
         def run(staging: Path, resuming: bool) -> None:
             import pyarrow.parquet as pq
@@ -910,6 +926,7 @@ class Bootstrap:
                 "data": {"pairs": pairs.num_rows, "by_source": _count_sources(pairs)},
                 "eval": self._evaluate_model(self.model_dir(r)),
                 "filter": self._filter_metrics(r) if r > 0 else None,
+                "capfilt": self._capfilt_summary(r) if r > 0 else None,
             }
             _atomic_write(staging, json.dumps(result, indent=2, default=_json_default) + "\n")
             # metrics.jsonl is rebuilt from every committed eval.json, so a rerun never duplicates rows.
@@ -942,6 +959,155 @@ def _json_default(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- summaries
+
+
+def capfilt_summary(samples_files: Sequence[Path], web_labels: Path, *, threshold: float) -> dict[str, Any]:
+    """Round r's CapFilt judged against the truth a synthetic corpus knows about every web image.
+
+    ``samples_files``: the round's pipeline ``samples/*.parquet``; ``web_labels``: the corpus's
+    ``web.parquet`` (key, noise_type, objects). Reported, over the rows whose image was downloaded:
+
+    - ``filter``: per noise type, how many web texts there were, the share the filter removed
+      (its recall on that type; for ``clean`` the false-removal rate), its ROC-AUC against clean texts,
+      and its precision on that type (removed texts of the type / removed texts of the type or clean);
+    - ``captions``: the attribute check (:func:`capfilt.synth.check_caption`) on every synthetic
+      caption, and the share of images with at least one caption that passes;
+    - ``noise``: the share of noisy web texts before the filter, among the kept web texts, and in
+      the kept web part of D_r (kept web texts + kept synthetic captions, a synthetic caption counting
+      as noise when it fails the attribute check);
+    - ``pairs``: web pairs before, web texts kept, synthetic captions added.
+    """
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from capfilt.eval import roc_auc
+    from capfilt.synth import check_caption
+
+    labels = pq.read_table(web_labels, columns=["key", "noise_type", "objects"]).to_pylist()
+    truth = {row["key"]: row for row in labels}
+    columns = ["key", "status", "web_itm", "web_kept", "synthetic_texts", "synthetic_kept"]
+    rows = [
+        row
+        for f in samples_files
+        for row in pq.read_table(f, columns=columns).to_pylist()
+        if row["status"] == "ok" and row["key"] in truth
+    ]
+    types = [truth[row["key"]]["noise_type"] for row in rows]
+    scores = np.array([math.nan if row["web_itm"] is None else row["web_itm"] for row in rows], dtype=float)
+    removed = np.array([not row["web_kept"] for row in rows], dtype=bool)
+    type_arr = np.array(types, dtype=object)
+    scored = ~np.isnan(scores)
+    clean = (type_arr == "clean") & scored
+    per_type: dict[str, dict[str, Any]] = {}
+    for kind in sorted(set(types)):
+        mine = type_arr == kind
+        entry: dict[str, Any] = {
+            "count": int(mine.sum()),
+            "removed": float(removed[mine].mean()) if mine.any() else None,
+        }
+        if kind != "clean":
+            true_removed = int((removed & mine).sum())
+            false_removed = int((removed & (type_arr == "clean")).sum())
+            entry["recall"] = entry["removed"]
+            entry["precision"] = (
+                true_removed / (true_removed + false_removed) if true_removed + false_removed else None
+            )
+            entry["auc"] = roc_auc(scores[clean], scores[mine & scored])
+        per_type[kind] = entry
+
+    captions_total = captions_right = images_with_right = images_captioned = 0
+    kept_synth = kept_synth_wrong = 0
+    for row in rows:
+        objects = truth[row["key"]]["objects"]
+        texts = row["synthetic_texts"] or []
+        kept = row["synthetic_kept"] or [False] * len(texts)
+        right = [check_caption(text, objects) for text in texts]
+        captions_total += len(texts)
+        captions_right += sum(right)
+        if texts:
+            images_captioned += 1
+            images_with_right += any(right)
+        for ok, keep in zip(right, kept, strict=True):
+            if keep:
+                kept_synth += 1
+                kept_synth_wrong += not ok
+    noisy = type_arr != "clean"
+    kept_web = ~removed
+    n_web, n_kept_web = len(rows), int(kept_web.sum())
+    kept_web_noisy = int((kept_web & noisy).sum())
+
+    def share(part: int, whole: int) -> float | None:
+        return part / whole if whole else None
+
+    return {
+        "threshold": float(threshold),
+        "filter": {"by_type": per_type, "auc": roc_auc(scores[clean], scores[noisy & scored])},
+        "captions": {
+            "captions": captions_total,
+            "attribute_check": share(captions_right, captions_total),
+            "images": images_captioned,
+            "images_with_a_right_caption": share(images_with_right, images_captioned),
+        },
+        "noise": {
+            "raw_web": share(int(noisy.sum()), n_web),
+            "kept_web_texts": share(kept_web_noisy, n_kept_web),
+            "kept_synthetic_wrong": share(kept_synth_wrong, kept_synth),
+            "kept_set": share(kept_web_noisy + kept_synth_wrong, n_kept_web + kept_synth),
+        },
+        "pairs": {
+            "raw_web": n_web,
+            "kept_web": n_kept_web,
+            "synthetic_added": kept_synth,
+            "kept_set": n_kept_web + kept_synth,
+        },
+    }
+
+
+def _pct_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def _auc_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def summary_text(summary: dict[str, Any], r: int = 1) -> str:
+    """The plain-words account of :func:`capfilt_summary` that ``capfilt bootstrap`` prints."""
+    flt, caps, noise, pairs = summary["filter"], summary["captions"], summary["noise"], summary["pairs"]
+    by_type = flt["by_type"]
+    lines = [
+        f"What CapFilt did in round {r}, checked against the synthetic corpus's ground truth:",
+        f"  The filter (ITM score < {summary['threshold']:g} removes a web text) — ROC-AUC: 0.5 is a coin flip, 1.0 "
+        "ranks every correct text above every noisy one:",
+    ]
+    names = {
+        "junk": "junk (file names, shop slogans)",
+        "mismatched": "mismatched (another image's text)",
+        "wrong_attribute": "wrong attribute (one colour or shape wrong)",
+    }
+    for kind in ("junk", "mismatched", "wrong_attribute"):
+        if kind in by_type:
+            e = by_type[kind]
+            lines.append(
+                f"    {names[kind]:<44} ROC-AUC {_auc_text(e.get('auc'))}, removed {_pct_text(e.get('recall'))} "
+                f"(recall), precision {_pct_text(e.get('precision'))}, n={e['count']}"
+            )
+    if "clean" in by_type:
+        lines.append(
+            f"    {'correct web texts':<44} removed {_pct_text(by_type['clean'].get('removed'))} by mistake, "
+            f"n={by_type['clean']['count']}"
+        )
+    lines += [
+        f"  The captioner: {_pct_text(caps['attribute_check'])} of its {caps['captions']:,} synthetic captions name "
+        f"every object's colour and shape correctly (attribute check); {_pct_text(caps['images_with_a_right_caption'])} "
+        f"of {caps['images']:,} web images got at least one such caption.",
+        f"  Noise: {_pct_text(noise['raw_web'])} of the raw web texts are wrong; after CapFilt "
+        f"{_pct_text(noise['kept_set'])} of the kept web pairs are (kept web texts {_pct_text(noise['kept_web_texts'])}, "
+        f"kept synthetic captions {_pct_text(noise['kept_synthetic_wrong'])}).",
+        f"  Pairs: {pairs['raw_web']:,} raw web pairs -> {pairs['kept_web']:,} web texts kept + "
+        f"{pairs['synthetic_added']:,} synthetic captions added = {pairs['kept_set']:,}.",
+    ]
+    return "\n".join(lines)
 
 
 def metrics_row(result: dict[str, Any]) -> dict[str, Any]:
@@ -1092,6 +1258,11 @@ def run_bootstrap(
     total = time.perf_counter() - started
     print("\n" + step_table(steps, state), flush=True)
     print(f"bootstrap: {total:.1f}s this invocation; metrics: {run_dir / METRICS_FILE}", flush=True)
+    last = max((int(p.parent.name.split("-")[1]) for p in run_dir.glob("round-*/eval.json")), default=0)
+    if last > 0:
+        summary = json.loads((boot.round_dir(last) / "eval.json").read_text(encoding="utf-8")).get("capfilt")
+        if summary:
+            print("\n" + summary_text(summary, last), flush=True)
     if cfg.ablation:
         path, table = write_ablation(run_dir, raw_from_round0=boot.raw_is_round0())
         print(f"\nablation (same pre-training budget, test set):\n{table}\n{path}", flush=True)

@@ -121,18 +121,15 @@ def synth(
         float, typer.Option(help="Share of noisy web texts (mismatched, junk, wrong attribute).")
     ] = 0.4,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 96,
-    human: Annotated[
-        int | None, typer.Option(help="Human-captioned images (default: a third of --images).")
-    ] = None,
-    test: Annotated[
-        int | None, typer.Option(help="Held-out test images (default: a tenth of --images, >= 100).")
-    ] = None,
+    human: Annotated[int | None, typer.Option(help="Human-captioned images (default: a third of --images).")] = None,
+    test: Annotated[int | None, typer.Option(help="Held-out test images (default: a tenth of --images, >= 100).")] = None,
+    world: Annotated[str, typer.Option(help="World preset: standard (7 shapes x 8 colours, textured backgrounds) or demo (4 x 4, plain backgrounds, larger objects).")] = "standard",
 ):
     """Render the procedural image-text world: human, web (with noise labels) and test splits."""
     from capfilt import synth as synthmod
 
     summary = synthmod.make_corpus(
-        out, images=images, seed=seed, noise=noise, size=size, human_images=human, test_images=test
+        out, images=images, seed=seed, noise=noise, size=size, human_images=human, test_images=test, world=world
     )
     typer.echo(json.dumps(summary, indent=2, default=str))
 

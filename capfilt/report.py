@@ -448,6 +448,114 @@ def _metrics_section(view: RunView) -> str:
     )
 
 
+# --------------------------------------------------------------------------- demo: CapFilt vs ground truth
+# A bootstrap round on a synthetic corpus stores, in eval.json's "capfilt" key, what its filter and
+# captioner did judged against the corpus's truth (capfilt.bootstrap.capfilt_summary). These
+# functions show it at the top of the page; they render nothing for any other run.
+
+_NOISE_NAMES = {
+    "junk": ("junk", "file names, shop slogans, SEO words"),
+    "mismatched": ("mismatched", "a correct text, but of another image"),
+    "wrong_attribute": ("wrong attribute", "one colour or shape is wrong"),
+}
+
+
+def _share(value: Any) -> str:
+    return "n/a" if not isinstance(value, int | float) else f"{100 * value:.0f}%"
+
+
+def _auc(value: Any) -> str:
+    return "n/a" if not isinstance(value, int | float) else f"{value:.2f}"
+
+
+def _capfilt_headline(summary: dict[str, Any], round_: Any) -> str:
+    """Plain sentences with the numbers a newcomer asks first: did the filter and captioner work?"""
+    by_type = summary.get("filter", {}).get("by_type", {})
+    caps, noise, pairs = summary.get("captions", {}), summary.get("noise", {}), summary.get("pairs", {})
+    aucs = ", ".join(
+        f"{_NOISE_NAMES[k][0]} {_auc(by_type[k].get('auc'))}" for k in _NOISE_NAMES if k in by_type
+    )
+    return (
+        f"<h2>Did CapFilt work? (round {_e(round_)}, checked against the synthetic corpus's ground truth)</h2>"
+        "<ul>"
+        f"<li><b>Filter: does it tell correct web texts from noise?</b> Its ROC-AUC per kind of noise is {_e(aucs)} "
+        "(0.5 would be a coin flip, 1.0 ranks every correct text above every noisy one).</li>"
+        f"<li><b>Captioner: does it describe the images?</b> {_e(_share(caps.get('attribute_check')))} of its "
+        f"{_e(caps.get('captions', 0))} synthetic captions name the right colour and shape of every object "
+        f"(the attribute check); {_e(_share(caps.get('images_with_a_right_caption')))} of the web images got at "
+        "least one such caption.</li>"
+        f"<li><b>Noise: is the kept data cleaner?</b> {_e(_share(noise.get('raw_web')))} of the raw web texts are "
+        f"wrong; {_e(_share(noise.get('kept_web_texts')))} of the web texts the filter kept are, and "
+        f"{_e(_share(noise.get('kept_set')))} of everything CapFilt kept (kept web texts and synthetic "
+        "captions together; a synthetic caption counts as wrong when it fails the attribute check).</li>"
+        f"<li><b>Added data:</b> {_e(pairs.get('synthetic_added', 0))} synthetic captions join "
+        f"the {_e(pairs.get('kept_web', 0))} web texts kept out of {_e(pairs.get('raw_web', 0))}.</li>"
+        "</ul>"
+    )
+
+
+def _capfilt_filter_table(summary: dict[str, Any]) -> str:
+    """Per noise type: texts, share removed (recall), precision, ROC-AUC; clean: false removals."""
+    by_type = summary.get("filter", {}).get("by_type", {})
+    rows = []
+    for kind, (name, meaning) in _NOISE_NAMES.items():
+        if kind not in by_type:
+            continue
+        e = by_type[kind]
+        rows.append(
+            f"<tr><td>{_e(name)}</td><td>{_e(meaning)}</td><td class='n'>{_e(e.get('count'))}</td>"
+            f"<td class='n'>{_share(e.get('recall'))}</td><td class='n'>{_share(e.get('precision'))}</td>"
+            f"<td class='n'>{_auc(e.get('auc'))}</td></tr>"
+        )
+    if "clean" in by_type:
+        e = by_type["clean"]
+        rows.append(
+            f"<tr><td>correct</td><td>the text describes the image</td><td class='n'>{_e(e.get('count'))}</td>"
+            f"<td class='n'>{_share(e.get('removed'))} removed by mistake</td><td class='n'>-</td>"
+            "<td class='n'>-</td></tr>"
+        )
+    return (
+        f"<h3>The filter, per kind of web text (a text is removed when its ITM score is below "
+        f"{_e(summary.get('threshold'))})</h3>"
+        "<table><tr><th>web text</th><th>what it is</th><th>texts</th><th>recall: share removed</th>"
+        "<th>precision: removed texts of this kind / removed texts of this kind or correct</th>"
+        "<th>ROC-AUC vs correct</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
+def _capfilt_changed_panel(summary: dict[str, Any]) -> str:
+    """What CapFilt changed: noise rate before/after and the pairs the captioner added."""
+    noise, pairs = summary.get("noise", {}), summary.get("pairs", {})
+    tiles = "".join(
+        [
+            _tile(
+                f"{_share(noise.get('raw_web'))} \u2192 {_share(noise.get('kept_set'))}",
+                "wrong web pairs: raw web \u2192 kept by CapFilt",
+            ),
+            _tile(_share(noise.get("kept_web_texts")), "wrong among the kept web texts"),
+            _tile(_share(noise.get("kept_synthetic_wrong")), "wrong among the kept synthetic captions"),
+            _tile(
+                f"{pairs.get('raw_web', 0):,} \u2192 {pairs.get('kept_set', 0):,}",
+                "web pairs: raw \u2192 kept (web texts + synthetic captions)",
+            ),
+            _tile(f"+{pairs.get('synthetic_added', 0):,}", "synthetic captions added by the captioner"),
+        ]
+    )
+    return f"<h3>What CapFilt changed</h3><div class='tiles'>{tiles}</div>"
+
+
+def capfilt_section(view: RunView) -> str:
+    """The demo's top section (empty unless the round's eval.json holds a ``capfilt`` summary)."""
+    summary = view.eval().get("capfilt") if view.is_bootstrap else None
+    if not isinstance(summary, dict):
+        return ""
+    return (
+        _capfilt_headline(summary, view.round)
+        + _capfilt_filter_table(summary)
+        + _capfilt_changed_panel(summary)
+    )
+
+
 def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     items: list[tuple[str, Any]] = []
     for k, v in data.items():
@@ -492,7 +600,8 @@ def _models_section(view: RunView) -> str:
         parts.append(f"<h3>Per-stage throughput</h3><table>{head}{body}</table>")
     evaluation = view.eval()
     if evaluation:
-        parts.append(f"<h3>Evaluation of round {_e(view.round)}</h3>{_kv_table(_flatten(evaluation))}")
+        shown = {k: v for k, v in evaluation.items() if k != "capfilt"}  # capfilt: the top section
+        parts.append(f"<h3>Evaluation of round {_e(view.round)}</h3>{_kv_table(_flatten(shown))}")
     text = view.config_text()
     if text:
         parts.append(f"<h3>Pipeline config</h3><pre>{_e(text)}</pre>")
@@ -639,6 +748,8 @@ def render(view: RunView, *, samples_per_section: int = 48) -> str:
     body = [
         f"<h1>capfilt report: {_e(view.root.resolve().name)}</h1>",
         f'<p class="sub">{_e(where)} · generated {_e(when)}</p>',
+        capfilt_section(view),
+        "<h2>The pipeline run</h2>" if view.is_bootstrap else "",
         f'<div class="tiles">{tiles}</div>',
         "<h2>What happened to the input</h2>",
         f'<div class="charts"><div class="chart">{status_chart}</div><div class="chart">{source_chart}</div></div>',

@@ -80,6 +80,77 @@ BACKGROUNDS: dict[str, tuple[str, ...]] = {
 }
 """Background kinds and the adjectives captions use for them."""
 
+
+@dataclass(frozen=True, kw_only=True)
+class World:
+    """Which of the vocabulary's values a corpus draws from: a named preset of :data:`WORLDS`.
+
+    Every world uses the same words (a caption of any world is checked by the same
+    :func:`check_caption`), only fewer values or simpler scenes. ``object_counts`` maps a number
+    of objects to its probability.
+    """
+
+    name: str
+    shapes: tuple[str, ...]
+    colors: tuple[str, ...]
+    sizes: tuple[str, ...]
+    backgrounds: tuple[str, ...]
+    object_counts: tuple[tuple[int, float], ...]
+    description: str
+
+    def __post_init__(self) -> None:
+        unknown = (
+            [s for s in self.shapes if s not in SHAPES]
+            + [c for c in self.colors if c not in COLORS]
+            + [z for z in self.sizes if z not in SIZES]
+            + [b for b in self.backgrounds if b not in BACKGROUNDS]
+        )
+        if unknown:
+            raise ValueError(f"world {self.name!r}: unknown values {unknown}")
+        if not (self.shapes and self.colors and self.sizes and self.backgrounds and self.object_counts):
+            raise ValueError(f"world {self.name!r}: every value list needs at least one entry")
+        if len(self.shapes) * len(self.colors) < 2 * max(n for n, _ in self.object_counts):
+            raise ValueError(f"world {self.name!r}: too few (colour, shape) pairs for wrong-attribute texts")
+
+    @property
+    def smallest_size(self) -> str:
+        return min(self.sizes, key=SIZES.__getitem__)
+
+
+WORLDS: dict[str, World] = {
+    "standard": World(
+        name="standard",
+        shapes=SHAPES,
+        colors=tuple(COLORS),
+        sizes=tuple(SIZES),
+        backgrounds=tuple(BACKGROUNDS),
+        object_counts=((1, 0.35), (2, 0.4), (3, 0.25)),
+        description="7 shapes x 8 colours, 3 sizes, 1-3 objects on 5 textured backgrounds (the benchmarks)",
+    ),
+    "demo": World(
+        name="demo",
+        shapes=("circle", "square", "triangle", "star"),
+        colors=("red", "yellow", "green", "blue"),
+        sizes=("medium", "large"),
+        backgrounds=("plain",),
+        object_counts=((1, 0.6), (2, 0.4)),
+        description="4 shapes x 4 colours, medium or large, 1-2 objects on plain backgrounds (the bootstrap demo)",
+    ),
+}
+"""Named worlds. ``standard`` is the richer world of the benchmarks; ``demo`` is one a tiny model learns
+in the few minutes the bootstrap demo has (fewer values, larger objects, no background texture)."""
+DEFAULT_WORLD = "standard"
+
+
+def get_world(name: str | World) -> World:
+    """A preset by name (a World passes through); unknown names are a UserError."""
+    if isinstance(name, World):
+        return name
+    if name not in WORLDS:
+        raise UserError(f"world: unknown world {name!r}; choose one of {', '.join(WORLDS)}")
+    return WORLDS[name]
+
+
 _SIZE_WORDS: dict[str, tuple[str, ...]] = {
     "small": ("small", "little", "tiny"),
     "medium": ("medium", "medium sized", "mid sized"),
@@ -208,25 +279,27 @@ class Scene:
         return json.dumps([o.to_dict() for o in self.objects])
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
-    """Draw one to three objects with distinct (colour, shape) pairs and no overlapping bounds.
+def sample_scene(rng: np.random.Generator, world: World | str = DEFAULT_WORLD) -> Scene:
+    """Draw the world's number of objects with distinct (colour, shape) pairs and no overlapping bounds.
 
     Objects are placed by rejection: a candidate whose bounding circle would touch an earlier
-    object's is redrawn, and after repeated failures it is made small, which always fits somewhere
-    in a 3x3 grid holding at most two other objects.
+    object's is redrawn, and after repeated failures it is made the world's smallest size, which
+    fits somewhere in a 3x3 grid holding at most two other objects.
     """
-    n_objects = int(rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25]))
+    world = get_world(world)
+    counts = [n for n, _ in world.object_counts]
+    n_objects = int(rng.choice(counts, p=[p for _, p in world.object_counts]))
     objects: list[SceneObject] = []
-    size_names = list(SIZES)
+    size_names = list(world.sizes)
     position_names = list(POSITIONS)
     for _ in range(n_objects):
         while True:
-            shape = SHAPES[int(rng.integers(len(SHAPES)))]
-            color = list(COLORS)[int(rng.integers(len(COLORS)))]
+            shape = world.shapes[int(rng.integers(len(world.shapes)))]
+            color = world.colors[int(rng.integers(len(world.colors)))]
             if all((o.color, o.shape) != (color, shape) for o in objects):
                 break
         for attempt in range(60):
-            size = "small" if attempt >= 30 else size_names[int(rng.integers(len(size_names)))]
+            size = world.smallest_size if attempt >= 30 else size_names[int(rng.integers(len(size_names)))]
             position = position_names[int(rng.integers(len(position_names)))]
             radius = SIZES[size]
             col, row = POSITIONS[position]
@@ -249,7 +322,7 @@ def sample_scene(rng: np.random.Generator) -> Scene:
                 angle=round(angle, 2),
             )
         )
-    background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    background = world.backgrounds[int(rng.integers(len(world.backgrounds)))]
     return Scene(objects=tuple(objects), background=background, texture_seed=int(rng.integers(2**31)))
 
 
@@ -530,16 +603,20 @@ def junk_text(rng: np.random.Generator) -> str:
     return " ".join(_JUNK_SEO[int(i)] for i in words)
 
 
-def wrong_attribute_scene(scene: Scene, rng: np.random.Generator) -> Scene:
-    """The scene with one object's colour (60%) or shape (40%) changed to a value not in the scene."""
+def wrong_attribute_scene(
+    scene: Scene, rng: np.random.Generator, world: World | str = DEFAULT_WORLD
+) -> Scene:
+    """The scene with one object's colour (60%) or shape (40%) changed to another value of the world
+    that makes a (colour, shape) pair not in the scene."""
+    world = get_world(world)
     idx = int(rng.integers(len(scene.objects)))
     obj = scene.objects[idx]
     taken = scene.pairs()
     if rng.random() < 0.6:
-        options = [c for c in COLORS if c != obj.color and (c, obj.shape) not in taken]
+        options = [c for c in world.colors if c != obj.color and (c, obj.shape) not in taken]
         new = replace(obj, color=_pick(rng, options))
     else:
-        options = [s for s in SHAPES if s != obj.shape and (obj.color, s) not in taken]
+        options = [s for s in world.shapes if s != obj.shape and (obj.color, s) not in taken]
         new = replace(obj, shape=_pick(rng, options))
     objects = list(scene.objects)
     objects[idx] = new
@@ -663,10 +740,12 @@ def _key(split: str, index: int) -> str:
     return f"{split}-{index:06d}"
 
 
-def describe(seed: int, split: str, index: int) -> tuple[Scene, list[str]]:
+def describe(
+    seed: int, split: str, index: int, world: World | str = DEFAULT_WORLD
+) -> tuple[Scene, list[str]]:
     """An item's scene and texts (5 references, or the one truthful web text); cheap, no pixels."""
     rng = _item_rng(seed, split, index)
-    scene = sample_scene(rng)
+    scene = sample_scene(rng, world)
     texts = [web_text(scene, rng)] if split == "web" else human_captions(scene, rng)
     return scene, texts
 
@@ -689,7 +768,7 @@ def _assign_noise(n: int, noise: float, rng: np.random.Generator) -> list[str]:
 
 
 def _noisy_web_texts(
-    scenes: Sequence[Scene], clean: Sequence[str], seed: int, noise: float
+    scenes: Sequence[Scene], clean: Sequence[str], seed: int, noise: float, world: World | str = DEFAULT_WORLD
 ) -> tuple[list[str], list[str], list[int | None]]:
     """Replace a share of the web texts by noise; returns texts, noise types and source indices.
 
@@ -704,7 +783,7 @@ def _noisy_web_texts(
         if label == "junk":
             texts[i], sources[i] = junk_text(rng), None
         elif label == "wrong_attribute":
-            texts[i] = web_text(wrong_attribute_scene(scenes[i], rng), rng)
+            texts[i] = web_text(wrong_attribute_scene(scenes[i], rng, world), rng)
         elif label == "mismatched":
             donor = _donor(scenes, i, rng)
             if donor is None:  # every other image shows the same objects: no text can mismatch
@@ -767,6 +846,7 @@ def _write_split(
     seed: int,
     size: int,
     noise: float,
+    world: World,
     renderer: _Renderer,
     progress: bool,
 ) -> dict[str, Any]:
@@ -775,7 +855,7 @@ def _write_split(
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    described = [describe(seed, split, i) for i in range(count)]
+    described = [describe(seed, split, i, world) for i in range(count)]
     scenes = [scene for scene, _ in described]
     keys = [_key(split, i) for i in range(count)]
     paths = [f"images/{split}/{key}.jpg" for key in keys]
@@ -787,7 +867,9 @@ def _write_split(
     columns: dict[str, list[Any]] = {"key": keys, "image_path": paths}
     summary: dict[str, Any] = {"images": count}
     if split == "web":
-        texts, labels, sources = _noisy_web_texts(scenes, [texts[0] for _, texts in described], seed, noise)
+        texts, labels, sources = _noisy_web_texts(
+            scenes, [texts[0] for _, texts in described], seed, noise, world
+        )
         noisy = [label != "clean" for label in labels]
         columns |= {
             "text": texts,
@@ -850,6 +932,7 @@ def make_corpus(
     test_images: int | None = None,
     workers: int | None = None,
     progress: bool = True,
+    world: str = DEFAULT_WORLD,
 ) -> dict[str, Any]:
     """Write a synthetic corpus to ``out`` and return its summary (also written to corpus.json).
 
@@ -858,6 +941,8 @@ def make_corpus(
     the captioner and filter); test images = ``test_images`` if given, else max(100, images // 10)
     (held out, drawn from its own random stream, never smaller than 100 so metrics mean something).
     ``workers``: render processes (default: 1 below 1,500 images, else the CPU count up to 8).
+    ``world``: a preset of :data:`WORLDS` (``standard``: the benchmarks' world; ``demo``: fewer
+    values and plain backgrounds, for the bootstrap demo).
 
     Layout of ``out``:
 
@@ -879,6 +964,7 @@ def make_corpus(
     """
     if images < 1:
         raise UserError(f"images: must be at least 1, got {images}")
+    the_world = get_world(world)
     if seed < 0:
         raise UserError(f"seed: must not be negative, got {seed}")
     if not 0.0 <= noise <= 1.0:
@@ -900,12 +986,20 @@ def make_corpus(
     workers = _default_workers(images + n_human + n_test) if workers is None else max(1, workers)
     started = time.perf_counter()
 
-    summary: dict[str, Any] = {"seed": seed, "size": size, "noise": noise}
+    summary: dict[str, Any] = {"seed": seed, "size": size, "noise": noise, "world": the_world.name}
     renderer = _Renderer(workers=workers)
     try:
         for split, count in (("web", images), ("human", n_human), ("test", n_test)):
             summary[split] = _write_split(
-                out, split, count, seed=seed, size=size, noise=noise, renderer=renderer, progress=progress
+                out,
+                split,
+                count,
+                seed=seed,
+                size=size,
+                noise=noise,
+                world=the_world,
+                renderer=renderer,
+                progress=progress,
             )
     finally:
         renderer.close()

@@ -85,6 +85,14 @@ def test_minimal_bootstrap_end_to_end_and_rerun_is_a_noop(ray_session: str, tmp_
     evaluation = json.loads((run / "round-1" / "eval.json").read_text())
     assert evaluation["eval"]["n_images"] == 6 and evaluation["data"]["pairs"] == len(pairs)
     assert (run / "report.html").is_file()
+    # what CapFilt did, judged against the synthetic corpus's labels: printed, stored, on the report
+    summary = evaluation["capfilt"]
+    assert summary["pairs"]["raw_web"] == 24 and summary["pairs"]["kept_web"] == kept_web
+    assert summary["pairs"]["synthetic_added"] == kept_synthetic
+    assert summary["noise"]["raw_web"] == sum(s["noise_type"] != "clean" for s in samples) / 24
+    assert set(summary["filter"]["by_type"]) <= {"clean", "junk", "mismatched", "wrong_attribute"}
+    assert summary["captions"]["captions"] == sum(len(s["synthetic_texts"]) for s in samples)
+    assert "Did CapFilt work?" in (run / "report.html").read_text()
 
     # a rerun does nothing: no step runs, no artifact changes
     before = _digests(run)

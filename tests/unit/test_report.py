@@ -47,7 +47,10 @@ def _chromium() -> str | None:
     return None
 
 
-def test_report_renders_in_headless_chromium(run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["run", "bootstrap_with_summary"])
+def test_report_renders_in_headless_chromium(
+    run: tuple[Path, dict[str, Any]], tmp_path: Path, kind: str
+) -> None:
     browser = _chromium()
     if browser is None:
         message = "chromium not found (/usr/bin/chromium or chromium on PATH); CI installs Debian's chromium"
@@ -55,6 +58,9 @@ def test_report_renders_in_headless_chromium(run: tuple[Path, dict[str, Any]], t
             pytest.fail(message)
         pytest.skip(message)
     run_dir, _ = run
+    if kind == "bootstrap_with_summary":  # the demo's page: the CapFilt section on top of the run's
+        run_dir = tmp_path / "boot"
+        _bootstrap_with_summary(run_dir)
     page = build_report(run_dir)
     png = tmp_path / "shot.png"
     result = subprocess.run(
@@ -259,3 +265,69 @@ def test_metrics_lines_must_be_json(tmp_path: Path) -> None:
         handle.write(json.dumps({"round": 2, "txt_r1": 0.5}) + "\n{broken\n")
     with pytest.raises(UserError, match="metrics.jsonl: line 3"):
         build_report(root)
+
+
+# ---- the demo's top section: CapFilt judged against a synthetic corpus's truth ------------------------
+
+SUMMARY = {
+    "threshold": 0.5,
+    "filter": {
+        "auc": 0.93,
+        "by_type": {
+            "clean": {"count": 600, "removed": 0.12},
+            "junk": {"count": 133, "removed": 0.97, "recall": 0.97, "precision": 0.64, "auc": 0.981},
+            "mismatched": {"count": 134, "removed": 0.9, "recall": 0.9, "precision": 0.63, "auc": 0.952},
+            "wrong_attribute": {
+                "count": 133,
+                "removed": 0.61,
+                "recall": 0.61,
+                "precision": 0.53,
+                "auc": 0.804,
+            },
+        },
+    },
+    "captions": {
+        "captions": 2000,
+        "attribute_check": 0.71,
+        "images": 1000,
+        "images_with_a_right_caption": 0.86,
+    },
+    "noise": {"raw_web": 0.4, "kept_web_texts": 0.12, "kept_synthetic_wrong": 0.09, "kept_set": 0.1},
+    "pairs": {"raw_web": 1000, "kept_web": 600, "synthetic_added": 810, "kept_set": 1410},
+}
+
+
+def _bootstrap_with_summary(root: Path) -> None:
+    fixtures.make_bootstrap(root, rounds=1, unfinished=False)
+    path = root / "round-1" / "eval.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "capfilt": SUMMARY}), encoding="utf-8")
+
+
+def test_bootstrap_report_says_at_the_top_whether_capfilt_worked(tmp_path: Path) -> None:
+    root = tmp_path / "boot"
+    _bootstrap_with_summary(root)
+    page = build_report(root).read_text()
+    top = page.index("Did CapFilt work?")
+    assert top < page.index("The pipeline run") < page.index("kept pairs in dataset/")
+    assert "junk 0.98, mismatched 0.95, wrong attribute 0.80" in page
+    assert "71% of its 2000 synthetic captions" in page and "86% of the web images" in page
+    # per-type precision / recall / AUC, and the false-removal rate of correct texts
+    assert re.search(
+        r"<td>junk</td>.*?<td class='n'>133</td><td class='n'>97%</td><td class='n'>64%</td>"
+        r"<td class='n'>0.98</td>",
+        page,
+    )
+    assert "12% removed by mistake" in page
+    # what CapFilt changed: noise before -> after, pairs added by the captioner
+    assert "<b>40% \u2192 10%</b>" in page and "<b>+810</b>" in page and "<b>1,000 \u2192 1,410</b>" in page
+    assert '"capfilt"' not in page and "capfilt.filter" not in page  # not repeated in the evaluation table
+
+
+def test_reports_without_a_summary_have_no_capfilt_section(
+    run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    run_dir, _ = run
+    assert "Did CapFilt work?" not in build_report(run_dir, tmp_path / "plain.html").read_text()
+    root = tmp_path / "boot"
+    fixtures.make_bootstrap(root, rounds=1, unfinished=False)
+    assert "Did CapFilt work?" not in build_report(root).read_text()

@@ -37,8 +37,9 @@ WEB, HUMAN, TEST = 150, 24, 12
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("corpus")
-    summary = make_corpus(out, images=WEB, seed=7, human_images=HUMAN, test_images=TEST, workers=1,
-                          progress=False)
+    summary = make_corpus(
+        out, images=WEB, seed=7, human_images=HUMAN, test_images=TEST, workers=1, progress=False
+    )
     return out, summary
 
 
@@ -59,8 +60,17 @@ def test_layout_counts_and_columns(corpus: tuple[Path, dict]) -> None:
     assert summary["test"]["images"] == TEST
     assert json.loads((out / "corpus.json").read_text())["web"] == summary["web"]
     web = pq.read_table(out / "web.parquet")
-    assert web.column_names == ["key", "image_path", "image", "text", "noise_type", "noisy", "source_key",
-                                "objects", "background"]
+    assert web.column_names == [
+        "key",
+        "image_path",
+        "image",
+        "text",
+        "noise_type",
+        "noisy",
+        "source_key",
+        "objects",
+        "background",
+    ]
     human = pq.read_table(out / "human.parquet")
     assert human.column_names == ["key", "image_path", "image", "captions", "objects", "background"]
     assert pq.read_table(out / "test.parquet").column_names == human.column_names
@@ -211,8 +221,11 @@ def test_all_words_covers_every_generated_text() -> None:
     for index in range(300):
         rng = np.random.default_rng([13, index])
         scene = sample_scene(rng)
-        texts = human_captions(scene, rng) + [web_text(scene, rng), junk_text(rng),
-                                              web_text(wrong_attribute_scene(scene, rng), rng)]
+        texts = human_captions(scene, rng) + [
+            web_text(scene, rng),
+            junk_text(rng),
+            web_text(wrong_attribute_scene(scene, rng), rng),
+        ]
         for text in texts:
             seen.update(re.findall(r"[a-z]+|\d", text.lower()))
     assert seen <= vocab, sorted(seen - vocab)
@@ -234,8 +247,9 @@ def test_noise_share_and_types_are_exact(corpus: tuple[Path, dict]) -> None:
 
 @pytest.mark.parametrize("noise", [0.0, 1.0])
 def test_noise_extremes(tmp_path: Path, noise: float) -> None:
-    summary = make_corpus(tmp_path, images=9, seed=2, noise=noise, human_images=0, test_images=0,
-                          progress=False)
+    summary = make_corpus(
+        tmp_path, images=9, seed=2, noise=noise, human_images=0, test_images=0, progress=False
+    )
     assert summary["web"]["noisy"] == round(9 * noise)
     assert summary["web"]["noise_types"]["clean"] == 9 - round(9 * noise)
 
@@ -297,22 +311,25 @@ def test_corpus_is_served_and_downloadable(corpus: tuple[Path, dict], tmp_path: 
 RED_CIRCLE_BLUE_SQUARE = [_obj("red", "circle"), _obj("blue", "square")]
 
 
-@pytest.mark.parametrize(("caption", "expected"), [
-    ("a red circle and a blue square", True),
-    ("Two shapes: a small RED circle, and a big blue square on a striped background", True),
-    ("a blue square to the left of a red circle", True),
-    ("red circle | blue square | best wallpapers 2024", True),
-    ("a red small circle and a blue square", True),  # colour within the binding window
-    ("a blue circle and a red square", False),  # colours swapped between the shapes
-    ("a red circle", False),  # one object missing
-    ("a red circle and a square", False),  # colour missing
-    ("a red circle and a blue star", False),  # wrong shape
-    ("a red circle and a blue square and a green star", False),  # hallucinated object
-    ("a red circle and a square that is blue", False),  # colour after the shape does not bind
-    ("red and blue circle square", False),
-    ("IMG_2041.jpg", False),
-    ("", False),
-])
+@pytest.mark.parametrize(
+    ("caption", "expected"),
+    [
+        ("a red circle and a blue square", True),
+        ("Two shapes: a small RED circle, and a big blue square on a striped background", True),
+        ("a blue square to the left of a red circle", True),
+        ("red circle | blue square | best wallpapers 2024", True),
+        ("a red small circle and a blue square", True),  # colour within the binding window
+        ("a blue circle and a red square", False),  # colours swapped between the shapes
+        ("a red circle", False),  # one object missing
+        ("a red circle and a square", False),  # colour missing
+        ("a red circle and a blue star", False),  # wrong shape
+        ("a red circle and a blue square and a green star", False),  # hallucinated object
+        ("a red circle and a square that is blue", False),  # colour after the shape does not bind
+        ("red and blue circle square", False),
+        ("IMG_2041.jpg", False),
+        ("", False),
+    ],
+)
 def test_check_caption(caption: str, expected: bool) -> None:
     assert check_caption(caption, RED_CIRCLE_BLUE_SQUARE) is expected
 
@@ -320,8 +337,10 @@ def test_check_caption(caption: str, expected: bool) -> None:
 def test_check_caption_inputs_and_modes() -> None:
     objects_json = json.dumps([o.to_dict() for o in RED_CIRCLE_BLUE_SQUARE])
     assert check_caption("a red circle and a blue square", objects_json)
-    assert check_caption("a red circle and a blue square", [{"color": "red", "shape": "circle"},
-                                                            {"color": "blue", "shape": "square"}])
+    assert check_caption(
+        "a red circle and a blue square",
+        [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "square"}],
+    )
     extra = "a red circle, a blue square and a green star"
     assert not check_caption(extra, RED_CIRCLE_BLUE_SQUARE)
     assert check_caption(extra, RED_CIRCLE_BLUE_SQUARE, strict=False)
@@ -351,10 +370,16 @@ def test_wrong_attribute_scene_changes_exactly_one_attribute() -> None:
         assert len(wrong.pairs()) == len(wrong.objects) and wrong.pairs() != scene.pairs()
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"images": 0}, "images"), ({"images": 2, "noise": 1.5}, "noise"), ({"images": 2, "size": 8}, "size"),
-    ({"images": 2, "test_images": -1}, "test_images"), ({"images": 2, "seed": -1}, "seed"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"images": 0}, "images"),
+        ({"images": 2, "noise": 1.5}, "noise"),
+        ({"images": 2, "size": 8}, "size"),
+        ({"images": 2, "test_images": -1}, "test_images"),
+        ({"images": 2, "seed": -1}, "seed"),
+    ],
+)
 def test_bad_arguments_are_user_errors(tmp_path: Path, kwargs: dict, field: str) -> None:
     with pytest.raises(UserError, match=field):
         make_corpus(tmp_path, progress=False, **{"seed": 0, **kwargs})
@@ -378,3 +403,60 @@ def test_scene_json_round_trip() -> None:
     assert isinstance(scene, Scene)
     restored = [SceneObject(**d) for d in json.loads(scene.objects_json())]
     assert tuple(restored) == scene.objects
+
+
+# ---- worlds -----------------------------------------------------------------------------------------
+
+
+def test_demo_world_draws_only_its_values_and_stays_checkable(tmp_path: Path) -> None:
+    from capfilt.synth import WORLDS
+
+    demo = WORLDS["demo"]
+    summary = make_corpus(
+        tmp_path, images=120, seed=3, human_images=10, test_images=10, size=32, world="demo", progress=False
+    )
+    assert (
+        summary["world"] == "demo" and json.loads((tmp_path / "corpus.json").read_text())["world"] == "demo"
+    )
+    counts = set()
+    for split in ("web", "human", "test"):
+        for row in _rows(tmp_path, split):
+            objects = json.loads(row["objects"])
+            counts.add(len(objects))
+            assert row["background"] == "plain"
+            assert {(o["color"], o["shape"], o["size"]) for o in objects} <= {
+                (c, s, z) for c in demo.colors for s in demo.shapes for z in demo.sizes
+            }
+            for caption in row.get("captions") or []:
+                assert check_caption(caption, objects)
+    assert counts == {1, 2}
+    web = _rows(tmp_path, "web")
+    assert {r["noise_type"] for r in web} == {"clean", "mismatched", "junk", "wrong_attribute"}
+    for row in web:
+        if row["noise_type"] == "wrong_attribute":  # the wrong value is one of the world's own
+            stated = caption_pairs(row["text"])
+            assert not check_caption(row["text"], row["objects"])
+            assert {c for c, _ in stated} <= set(demo.colors) and {s for _, s in stated} <= set(demo.shapes)
+        elif row["noise_type"] == "clean":
+            assert check_caption(row["text"], row["objects"])
+
+
+def test_standard_world_is_the_default_and_unknown_worlds_are_user_errors(tmp_path: Path) -> None:
+    for index in range(20):
+        assert sample_scene(np.random.default_rng([5, index])) == sample_scene(
+            np.random.default_rng([5, index]), "standard"
+        )
+    with pytest.raises(UserError, match="world"):
+        make_corpus(tmp_path, images=2, seed=0, world="nope", progress=False)
+    from capfilt.synth import World
+
+    with pytest.raises(ValueError, match="unknown values"):
+        World(
+            name="x",
+            shapes=("blob",),
+            colors=("red",),
+            sizes=("large",),
+            backgrounds=("plain",),
+            object_counts=((1, 1.0),),
+            description="",
+        )
