@@ -239,7 +239,10 @@ def _capfilt_config(url_file: Path, out_dir: Path, captioner: Path, filt: Path, 
     return PipelineConfig.model_validate(
         {
             "input": {"path": str(url_file), "key_col": "key"},
-            "download": {"image_size": settings.size, "threads": settings.download_threads, "retries": 0},
+            "download": {
+                "image_size": settings.size, "threads": settings.download_threads, "retries": 0,
+                "allowed_hosts": ["127.0.0.1"],  # the corpus is served on loopback
+            },
             "caption": {
                 "model": str(captioner), "num_captions": settings.num_captions, "top_p": settings.top_p,
                 "max_length": settings.max_length, "min_length": settings.min_length, "prompt": PROMPT,

@@ -409,6 +409,7 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, table: pa.Table) -> Any:
         fn_kwargs={"cfg": cfg.download},
         batch_size=download.batch_size,
         num_cpus=download.num_cpus,
+        **cfg.ray.task_options(),
     )
     drop: list[str] = []
     if "preprocess" in stages:
@@ -416,7 +417,11 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, table: pa.Table) -> Any:
         drop = [pixel_column(s) for s in sizes]
         pre = stages["preprocess"]
         ds = ds.map_batches(
-            _preprocess_batch, fn_kwargs={"sizes": sizes}, batch_size=pre.batch_size, num_cpus=pre.num_cpus
+            _preprocess_batch,
+            fn_kwargs={"sizes": sizes},
+            batch_size=pre.batch_size,
+            num_cpus=pre.num_cpus,
+            **cfg.ray.task_options(),
         )
     if cfg.caption is not None:
         from capfilt.stages.caption import Captioner
@@ -429,6 +434,7 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, table: pa.Table) -> Any:
             batch_size=s.batch_size,
             num_cpus=s.num_cpus,
             num_gpus=s.num_gpus,
+            **cfg.ray.actor_options(),
         )
     if cfg.filter is not None:
         from capfilt.stages.filter import Filter
@@ -441,6 +447,7 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, table: pa.Table) -> Any:
             batch_size=s.batch_size,
             num_cpus=s.num_cpus,
             num_gpus=s.num_gpus,
+            **cfg.ray.actor_options(),
         )
     f = cfg.filter
     if f is not None:
@@ -453,6 +460,7 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, table: pa.Table) -> Any:
         fn_kwargs={**selection, "drop": drop},
         batch_size=None,
         num_cpus=stages["select"].num_cpus,
+        **cfg.ray.task_options(),
     )
     return ds
 
@@ -543,6 +551,9 @@ def _execute(
         user = _user_error_in(err)
         if user is not None:
             raise UserError(str(user)) from None
+        lost = _lost_work(err, buffer, cfg)
+        if lost is not None:
+            raise UserError(lost) from None
         raise
     finally:
         bar.close()
@@ -550,6 +561,42 @@ def _execute(
         missing = {s: n - buffer.pending.get(s, 0) for s, n in buffer.expected.items()}
         raise RuntimeError(f"pipeline ended with rows missing for shards {missing}")
     return written, _stage_stats(ds)
+
+
+def _lost_work(err: BaseException, buffer: writer.ShardBuffer, cfg: PipelineConfig) -> str | None:
+    """One line naming the shards a batch was lost from, when a Ray worker died too often.
+
+    With finite ``ray.max_retries`` a batch whose worker keeps dying (OOM kill, segfault in a
+    decoder) ends the run instead of retrying forever; its rows never reach the writer, so the
+    shards still waiting for rows are where the poison batch is.
+    """
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, OutOfMemoryError, WorkerCrashedError
+
+    lost_types = (WorkerCrashedError, OutOfMemoryError, ActorDiedError, ActorUnavailableError)
+    seen: set[int] = set()
+    pending: list[BaseException] = [err]
+    found: BaseException | None = None
+    while pending and found is None:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, lost_types):
+            found = current
+            break
+        pending.extend(e for e in (current.__cause__, current.__context__, getattr(current, "cause", None))
+                       if isinstance(e, BaseException))  # fmt: skip
+    if found is None:
+        return None
+    per_shard = cfg.output.rows_per_shard
+    waiting = sorted(buffer.expected)
+    shards = ", ".join(f"{s} (input rows {s * per_shard}-{(s + 1) * per_shard - 1})" for s in waiting[:5])
+    more = f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
+    reason = " ".join(str(found).split())[:200]
+    return (
+        f"a pipeline batch failed {cfg.ray.max_retries + 1} times (ray.max_retries={cfg.ray.max_retries}), "
+        f"its worker died: {type(found).__name__}: {reason}; shards not completed: {shards or 'none'}{more}"
+    )
 
 
 def build_manifest(
