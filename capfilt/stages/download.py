@@ -103,7 +103,7 @@ OUTPUT_COLUMNS = (
 
 _BROWSER_UA = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 _READ_CHUNK = 1 << 16
-_STRIP_ROWS = 256  # rows converted at a time for 16-bit and float images
+_STRIP_ROWS = 64  # rows converted at a time for 16-bit and float images
 _REDIRECT_CODES = (301, 302, 303, 307, 308)
 # Characters left alone when percent-encoding a URL's path and query: the reserved set
 # plus '%', so URLs that are already encoded stay as they are.
@@ -554,8 +554,12 @@ def _to_eight_bit(img: Image.Image) -> Image.Image:
             values = strip.astype(np.float32) * (255.0 if unit_float else 1.0)
             out[top : top + len(strip)] = np.clip(np.rint(values), 0, 255).astype(np.uint8)
         elif sixteen:
-            values = np.clip(strip.astype(np.int64 if img.mode == "I" else np.uint32), 0, 65535)
-            out[top : top + len(strip)] = ((values + 128) // 257).astype(np.uint8)
+            values = strip.astype(np.int64 if img.mode == "I" else np.uint32)
+            if img.mode == "I":
+                np.clip(values, 0, 65535, out=values)
+            values += 128
+            values //= 257  # round(v / 257): 0..65535 -> 0..255
+            out[top : top + len(strip)] = values
         else:
             out[top : top + len(strip)] = np.clip(strip, 0, 255).astype(np.uint8)
     return Image.fromarray(out, mode="L")
@@ -756,8 +760,8 @@ class Downloader:
                 location = response.headers.get("Location")
                 if not location:
                     raise _Failure(Status.download_failed, f"HTTP {code} redirect without a Location")
-                return None, location
-            if not 200 <= code < 300:
+                result: tuple[bytes | None, str] = (None, location)
+            elif not 200 <= code < 300:
                 transient = code >= 500 or code in (408, 429)
                 retry_after = (
                     parse_retry_after(response.headers.get("Retry-After")) if code in (429, 503) else None
@@ -766,8 +770,9 @@ class Downloader:
                     Status.download_failed, _one_line(f"HTTP {code}: {response.reason}"),
                     transient=transient, retry_after=retry_after, http_status=code,
                 )  # fmt: skip
-            limit = self.cfg.max_bytes if robots else ROBOTS_MAX_BYTES
-            return self._read_body(response, limit=limit, strict=robots), ""
+            else:
+                limit = self.cfg.max_bytes if robots else ROBOTS_MAX_BYTES
+                result = (self._read_body(response, limit=limit, strict=robots), "")
         except (_Failure, _Cancelled):
             if watch is not None and watch.fired:
                 raise _deadline_failure(self.cfg.timeout_s) from None
@@ -783,6 +788,11 @@ class Downloader:
             if watch is not None:
                 _WATCHDOG.cancel(watch)
             conn.close()
+        if watch is not None and watch.fired:
+            # A shut-down socket reads as EOF, which http.client may take for the end of the
+            # headers or of a body without Content-Length: what arrived is not a response.
+            raise _deadline_failure(self.cfg.timeout_s)
+        return result
 
     def _read_body(self, response: http.client.HTTPResponse, *, limit: int, strict: bool) -> bytes:
         """Read at most ``limit`` bytes (streaming), checking for truncation.
