@@ -144,7 +144,9 @@ def test_resize_modes_follow_img2dataset(http_server, mode, expected):
 
 def test_png_output_format(http_server):
     url = http_server.add("/for-png.jpg", body=rgb_jpeg())
-    out = run(Downloader(cfg=DownloadConfig(image_size=SIZE, encode_format="png", threads=1, **LOOPBACK)), [url])
+    out = run(
+        Downloader(cfg=DownloadConfig(image_size=SIZE, encode_format="png", threads=1, **LOOPBACK)), [url]
+    )
     assert out["image"][0].startswith(b"\x89PNG")
 
 
@@ -243,7 +245,9 @@ def test_every_bad_input_class_gets_its_status_in_order(http_server, downloader)
 
 def test_too_small_keeps_original_size(http_server):
     url = http_server.add("/small.jpg", body=rgb_jpeg((40, 30)))
-    out = run(Downloader(cfg=DownloadConfig(image_size=SIZE, min_image_size=31, threads=1, **LOOPBACK)), [url, url])
+    out = run(
+        Downloader(cfg=DownloadConfig(image_size=SIZE, min_image_size=31, threads=1, **LOOPBACK)), [url, url]
+    )
     assert list(out["status"]) == ["too_small", "too_small"]
     assert "30" in out["error"][0]
     assert (out["original_width"][0], out["original_height"][0]) == (40, 30)
