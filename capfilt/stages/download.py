@@ -530,6 +530,18 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 
 
 @dataclass
+class _BatchState:
+    """What the rows of one ``Downloader`` call share: handed to every worker explicitly, so a
+    thread left running after a batch deadline never touches the next batch's limits."""
+
+    cancel: threading.Event
+    hosts: _HostLimiter
+    budget: _PixelBudget
+    robots: dict[tuple[str, str, int], _Robots]
+    robots_lock: threading.Lock
+
+
+@dataclass
 class _Robots:
     ready: threading.Event
     parser: urllib.robotparser.RobotFileParser | None = None
@@ -680,20 +692,22 @@ class Downloader:
         # The Resizer redirects the process's stdout/stderr file descriptors while it
         # works; two threads doing that at once can leave them pointing at /dev/null.
         self._resize_lock = threading.Lock()
-        self._new_batch_state()
 
-    def _new_batch_state(self) -> None:
-        self._cancel = threading.Event()
-        self._hosts = _HostLimiter(
-            connections=self.cfg.per_host_connections, rate=self.cfg.per_host_rate, cancel=self._cancel
+    def _new_batch_state(self) -> _BatchState:
+        cancel = threading.Event()
+        return _BatchState(
+            cancel=cancel,
+            hosts=_HostLimiter(
+                connections=self.cfg.per_host_connections, rate=self.cfg.per_host_rate, cancel=cancel
+            ),
+            budget=_PixelBudget(self.cfg.decode_pixel_budget, cancel),
+            robots={},
+            robots_lock=threading.Lock(),
         )
-        self._budget = _PixelBudget(self.cfg.decode_pixel_budget, self._cancel)
-        self._robots: dict[tuple[str, str, int], _Robots] = {}
-        self._robots_lock = threading.Lock()
 
     # ------------------------------------------------------------------ network
 
-    def _exchange(self, url: str, deadline: float, *, robots: bool) -> bytes:
+    def _exchange(self, state: _BatchState, url: str, deadline: float, *, robots: bool) -> bytes:
         """GET ``url`` following redirects by hand; the 2xx body, or ``_Failure``.
 
         ``robots``: this is a page fetch (check robots.txt and opt-out headers on every
@@ -704,8 +718,8 @@ class Downloader:
             parts = urllib.parse.urlsplit(url)
             host = (parts.hostname or "").lower()
             if robots and self.cfg.robots_txt:
-                self._check_robots(parts)
-            with self._hosts.slot(host):
+                self._check_robots(state, parts)
+            with state.hosts.slot(host):
                 body, location = self._request(parts, deadline, robots=robots)
             if body is not None:
                 return body
@@ -821,18 +835,18 @@ class Downloader:
             raise _Failure(Status.download_failed, f"connection closed {missing} bytes short", transient=True)
         return b"".join(chunks)
 
-    def _check_robots(self, parts: urllib.parse.SplitResult) -> None:
+    def _check_robots(self, state: _BatchState, parts: urllib.parse.SplitResult) -> None:
         """Raise ``_Failure(opted_out)`` when the host's robots.txt disallows this URL for us."""
         scheme = parts.scheme.lower()
         key = (scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80))
-        with self._robots_lock:
-            entry = self._robots.get(key)
+        with state.robots_lock:
+            entry = state.robots.get(key)
             owner = entry is None
             if entry is None:
-                entry = self._robots[key] = _Robots(ready=threading.Event())
+                entry = state.robots[key] = _Robots(ready=threading.Event())
         if owner:
             try:
-                entry.parser = self._fetch_robots(parts)
+                entry.parser = self._fetch_robots(state, parts)
             except _Failure as failure:
                 entry.failure = failure
             except _Cancelled:
@@ -841,7 +855,7 @@ class Downloader:
                 entry.ready.set()
         else:
             while not entry.ready.wait(timeout=0.5):
-                if self._cancel.is_set():
+                if state.cancel.is_set():
                     raise _Cancelled
         if entry.failure is not None:
             raise _Failure(entry.failure.status, f"robots.txt: {entry.failure}")
@@ -850,7 +864,9 @@ class Downloader:
             if not entry.parser.can_fetch(self._robots_agent, url):
                 raise _Failure(Status.opted_out, f"robots.txt disallows this URL for {self._robots_agent!r}")
 
-    def _fetch_robots(self, parts: urllib.parse.SplitResult) -> urllib.robotparser.RobotFileParser | None:
+    def _fetch_robots(
+        self, state: _BatchState, parts: urllib.parse.SplitResult
+    ) -> urllib.robotparser.RobotFileParser | None:
         """The host's parsed robots.txt; None (allow all) when it has none (4xx).
 
         RFC 9309: a 4xx means no rules; a 5xx or an unreachable server means "disallow
@@ -858,7 +874,7 @@ class Downloader:
         """
         url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/robots.txt", "", ""))
         try:
-            body = self._run_exchange(url, robots=False)
+            body = self._run_exchange(state, url, robots=False)
         except _Failure as failure:
             if failure.http_status is not None and 400 <= failure.http_status < 500:
                 return None
@@ -869,16 +885,16 @@ class Downloader:
         parser.parse(body.decode("utf-8", errors="replace").splitlines())
         return parser
 
-    def _run_exchange(self, url: str, *, robots: bool) -> bytes:
-        return self._exchange(url, time.monotonic() + self.cfg.timeout_s, robots=robots)
+    def _run_exchange(self, state: _BatchState, url: str, *, robots: bool) -> bytes:
+        return self._exchange(state, url, time.monotonic() + self.cfg.timeout_s, robots=robots)
 
-    def _fetch_with_retry(self, url: str) -> bytes:
+    def _fetch_with_retry(self, state: _BatchState, url: str) -> bytes:
         """One row's download: attempts with back-off, each with its own ``timeout_s`` deadline."""
         host = (urllib.parse.urlsplit(url).hostname or "").lower()
         attempt = 0
         while True:
             try:
-                return self._run_exchange(url, robots=True)
+                return self._run_exchange(state, url, robots=True)
             except _Failure as failure:
                 if not failure.transient or attempt >= self.cfg.retries:
                     raise
@@ -893,46 +909,46 @@ class Downloader:
                     wait_s = max(wait_s, failure.retry_after)
                 wait_s = min(wait_s, max(self.cfg.retry_after_max_s, failure.retry_after or 0.0))
                 if failure.http_status in (429, 503):
-                    self._hosts.pause(host, wait_s)  # the whole host is told to slow down
-                if self._cancel.wait(wait_s):
+                    state.hosts.pause(host, wait_s)  # the whole host is told to slow down
+                if state.cancel.wait(wait_s):
                     raise _Cancelled from None
                 attempt += 1
 
     # ------------------------------------------------------------------ per row
 
-    def _prepare(self, url: Any, image: Any) -> _Fetched:
+    def _prepare(self, state: _BatchState, url: Any, image: Any) -> _Fetched:
         """Worker-thread part of a row: get the bytes, then decode to RGB with Pillow."""
         held = 0
         try:
             if isinstance(image, bytes | bytearray | memoryview) and len(image) > 0:
                 body = bytes(image)
             else:
-                body = self._fetch_with_retry(normalise_url(url))
+                body = self._fetch_with_retry(state, normalise_url(url))
             digest = hashlib.sha256(body).hexdigest()
             try:
                 img = open_image(body, max_pixels=self.cfg.max_pixels)
-                held = self._budget.acquire(img.size[0] * img.size[1])
+                held = state.budget.acquire(img.size[0] * img.size[1])
                 rgb, size = _decode_opened(img)
             except _Failure as failure:
-                self._budget.release(held)
+                state.budget.release(held)
                 return _Fetched(failure.status, str(failure), sha256=digest)
             except MemoryError:
-                self._budget.release(held)
+                state.budget.release(held)
                 return _Fetched(Status.too_large, "out of memory while decoding", sha256=digest)
             return _Fetched(Status.ok, rgb=rgb, sha256=digest, original_size=size, budget=held)
         except _Failure as failure:
             return _Fetched(failure.status, str(failure))
         except _Cancelled:
-            self._budget.release(held)
+            state.budget.release(held)
             return _Fetched(Status.download_failed, "deadline: batch deadline passed while waiting")
         except MemoryError:
-            self._budget.release(held)
+            state.budget.release(held)
             return _Fetched(Status.too_large, "out of memory")
         except Exception as err:  # a row must never take the batch down
-            self._budget.release(held)
+            state.budget.release(held)
             return _Fetched(Status.download_failed, _one_line(f"{type(err).__name__}: {err}"))
 
-    def _resize(self, fetched: _Fetched) -> tuple[bytes, int, int, Status, str]:
+    def _resize(self, state: _BatchState, fetched: _Fetched) -> tuple[bytes, int, int, Status, str]:
         """Resize and encode with img2dataset's Resizer: (bytes, width, height, status, error)."""
         if fetched.rgb is None:
             return b"", 0, 0, fetched.status, fetched.error
@@ -950,7 +966,7 @@ class Downloader:
                 encoded, width, height, _, _, error = self._resizer(buffer)  # never raises
         finally:
             fetched.rgb = None
-            self._budget.release(fetched.budget)
+            state.budget.release(fetched.budget)
             fetched.budget = 0
         if error is not None:
             status = Status.too_small if error == "image too small" else Status.decode_failed
@@ -984,7 +1000,7 @@ class Downloader:
         if urls is None:
             raise KeyError("Downloader needs a 'url' column in the batch")  # a wiring bug, not bad data
         n = len(urls)
-        self._new_batch_state()
+        state = self._new_batch_state()
         images_in = batch.get("image")
         images: list[bytes] = [b""] * n
         statuses: list[str] = [""] * n
@@ -996,7 +1012,7 @@ class Downloader:
         digests: list[str] = [""] * n
 
         def finish(index: int, fetched: _Fetched) -> None:
-            encoded, width, height, status, error = self._resize(fetched)
+            encoded, width, height, status, error = self._resize(state, fetched)
             images[index], widths[index], heights[index] = encoded, width, height
             statuses[index], errors[index], digests[index] = status.value, error, fetched.sha256
             original_widths[index], original_heights[index] = fetched.original_size
@@ -1013,7 +1029,7 @@ class Downloader:
             while next_index < n or pending:
                 while next_index < n and len(pending) < window:
                     image = images_in[next_index] if images_in is not None else None
-                    pending[pool.submit(self._prepare, urls[next_index], image)] = next_index
+                    pending[pool.submit(self._prepare, state, urls[next_index], image)] = next_index
                     next_index += 1
                 left = batch_deadline - time.monotonic()
                 if left <= 0:
@@ -1022,7 +1038,7 @@ class Downloader:
                 for future in done:
                     finish(pending.pop(future), future.result())
             if pending or next_index < n:  # the batch deadline passed: account for every stuck row
-                self._cancel.set()
+                state.cancel.set()
                 late = _Fetched(Status.download_failed, f"deadline: batch not finished within {timeout:g}s")
                 for future, index in pending.items():
                     if future.done():
@@ -1035,7 +1051,7 @@ class Downloader:
         finally:
             # After a deadline the stuck threads are left to end on their own (their
             # sockets are shut down by the watchdog); the task does not wait for them.
-            pool.shutdown(wait=not self._cancel.is_set(), cancel_futures=True)
+            pool.shutdown(wait=not state.cancel.is_set(), cancel_futures=True)
 
         out = dict(batch)
         out["image"] = _object_array(images, empty_dtype=bytes)
