@@ -428,3 +428,16 @@ def test_missing_robots_txt_allows_and_unreachable_one_fails(server: LoopbackSer
 def test_loopback_server_host_must_be_loopback(site: Path) -> None:
     with pytest.raises(UserError, match="loopback"):
         LoopbackServer(directory=site, host="0.0.0.0")
+
+
+def test_bootstrap_rounds_opt_in_to_the_served_loopback_corpus_only(tmp_path: Path) -> None:
+    """The bootstrap serves its synthetic corpus on 127.0.0.1; its rounds allow that address only."""
+    from capfilt import bootstrap
+
+    cfg = bootstrap.load_config(None, ["pipeline.download.allowed_hosts=[]"])
+    assert cfg.pipeline.download.allowed_hosts == []
+    boot = bootstrap.Bootstrap(cfg=cfg, run_dir=tmp_path)
+    pcfg = boot.pipeline_config(1, tmp_path / "urls.parquet", tmp_path / "stage")
+    assert pcfg.download.allowed_hosts == ["127.0.0.1"] and not pcfg.download.allow_private_networks
+    demo = bootstrap.load_config(None, [])  # the embedded demo config says so explicitly too
+    assert demo.pipeline.download.allowed_hosts == ["127.0.0.1"]
