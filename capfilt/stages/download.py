@@ -11,8 +11,9 @@ It reuses img2dataset's own code where that code fits:
 The HTTP client is ``http.client`` driven by this module (not urllib's opener), because
 every hop of a request has to be checked and bounded:
 
-* **One absolute deadline per request** (``timeout_s``): from the first connect to the
-  last body byte, across every redirect hop. A process-wide watchdog thread shuts the
+* **One absolute deadline per request** (``timeout_s``): from the first connect (once the
+  request holds its per-host slot) to the last body byte, TLS handshake and every redirect
+  hop included. A process-wide watchdog thread shuts the
   socket down when the deadline passes, so a server dripping its status line, headers,
   chunk sizes or body one byte per second cannot hold a row longer; the row fails with
   an error starting ``deadline:``. Status line plus headers are capped at
@@ -423,12 +424,21 @@ def _connection(
     deadline: float,
     header_limit: int,
     context: ssl.SSLContext | None,
+    watches: list[_Watch],
 ) -> http.client.HTTPConnection:
-    """An http.client connection whose socket comes from ``policy.connect`` (checked peer)."""
+    """An http.client connection whose socket comes from ``policy.connect`` (checked peer).
+
+    The socket's deadline watch is appended to ``watches`` as soon as TCP is connected; the
+    caller cancels it before closing the connection.
+    """
     response_class = type("_CappedResponse", (_Response,), {"header_limit": header_limit})
 
     def create(address: tuple[str, int], timeout: Any = None, source_address: Any = None) -> socket.socket:
-        return policy.connect(address[0], address[1], deadline)
+        sock = policy.connect(address[0], address[1], deadline)
+        # Watched from the TCP connect on, so a TLS handshake cannot outlive the deadline either
+        # (the TLS socket that wraps this one keeps its file descriptor).
+        watches.append(_WATCHDOG.watch(sock, deadline))
+        return sock
 
     left = max(0.001, deadline - time.monotonic())
     if scheme == "https":
@@ -707,12 +717,15 @@ class Downloader:
 
     # ------------------------------------------------------------------ network
 
-    def _exchange(self, state: _BatchState, url: str, deadline: float, *, robots: bool) -> bytes:
+    def _exchange(self, state: _BatchState, url: str, *, robots: bool) -> bytes:
         """GET ``url`` following redirects by hand; the 2xx body, or ``_Failure``.
 
+        One deadline, ``timeout_s`` after the first hop got its host slot (waiting for a
+        per-host slot does not count; the batch deadline bounds that), covers every hop.
         ``robots``: this is a page fetch (check robots.txt and opt-out headers on every
         hop), not the fetch of a robots.txt itself.
         """
+        deadline: float | None = None
         seen = {url}
         for hop in range(self.max_redirects + 1):
             parts = urllib.parse.urlsplit(url)
@@ -720,6 +733,8 @@ class Downloader:
             if robots and self.cfg.robots_txt:
                 self._check_robots(state, parts)
             with state.hosts.slot(host):
+                if deadline is None:
+                    deadline = time.monotonic() + self.cfg.timeout_s
                 body, location = self._request(parts, deadline, robots=robots)
             if body is not None:
                 return body
@@ -750,17 +765,16 @@ class Downloader:
         """One GET on its own connection: (2xx body, "") or (None, a redirect's Location)."""
         scheme = parts.scheme.lower()
         port = parts.port or (443 if scheme == "https" else 80)
+        watches: list[_Watch] = []
         conn = _connection(
             scheme, parts.hostname or "", port, policy=self._policy, deadline=deadline,
-            header_limit=self.cfg.max_header_bytes, context=self._ssl,
+            header_limit=self.cfg.max_header_bytes, context=self._ssl, watches=watches,
         )  # fmt: skip
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
-        watch: _Watch | None = None
         try:
             conn.connect()
-            watch = _WATCHDOG.watch(conn.sock, deadline)
             conn.request("GET", target, headers={"User-Agent": self._user_agent, "Accept": "*/*"})
             response = conn.getresponse()
             if (
@@ -788,21 +802,21 @@ class Downloader:
                 limit = self.cfg.max_bytes if robots else ROBOTS_MAX_BYTES
                 result = (self._read_body(response, limit=limit, strict=robots), "")
         except (_Failure, _Cancelled):
-            if watch is not None and watch.fired:
+            if any(w.fired for w in watches):
                 raise _deadline_failure(self.cfg.timeout_s) from None
             raise
         except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as err:
-            if (watch is not None and watch.fired) or isinstance(err, TimeoutError):
+            if any(w.fired for w in watches) or isinstance(err, TimeoutError):
                 raise _deadline_failure(self.cfg.timeout_s) from None
             text = str(err) or type(err).__name__
             raise _Failure(Status.download_failed, _one_line(text), transient=True) from None
         except ValueError as err:  # e.g. http.client.InvalidURL for a bad port
             raise _Failure(Status.invalid_url, _one_line(str(err))) from None
         finally:
-            if watch is not None:
+            for watch in watches:
                 _WATCHDOG.cancel(watch)
             conn.close()
-        if watch is not None and watch.fired:
+        if any(w.fired for w in watches):
             # A shut-down socket reads as EOF, which http.client may take for the end of the
             # headers or of a body without Content-Length: what arrived is not a response.
             raise _deadline_failure(self.cfg.timeout_s)
@@ -886,7 +900,7 @@ class Downloader:
         return parser
 
     def _run_exchange(self, state: _BatchState, url: str, *, robots: bool) -> bytes:
-        return self._exchange(state, url, time.monotonic() + self.cfg.timeout_s, robots=robots)
+        return self._exchange(state, url, robots=robots)
 
     def _fetch_with_retry(self, state: _BatchState, url: str) -> bytes:
         """One row's download: attempts with back-off, each with its own ``timeout_s`` deadline."""

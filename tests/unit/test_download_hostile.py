@@ -341,13 +341,16 @@ def test_opt_out_header_on_a_redirect_hop_is_honoured(server: LoopbackServer) ->
 
 
 def test_per_host_concurrency_cap_is_never_exceeded(server: LoopbackServer, second: LoopbackServer) -> None:
-    urls = [f"{base}/slow/0.3/img.jpg" for base in (server.url, second.url) for _ in range(9)]
+    """16 threads, 2 hosts, cap 3: each host sees at most 3 requests at once (and more than 1, so
+    the server's counter does see overlap; each request takes 1 s to answer)."""
+    urls = [f"{base}/slow/1/img.jpg" for base in (server.url, second.url) for _ in range(6)]
     cfg = DownloadConfig(image_size=SIZE, threads=16, per_host_connections=3, allowed_hosts=["127.0.0.0/8"])
     out = run(Downloader(cfg=cfg), urls)
     assert list(out["status"]) == ["ok"] * len(urls)
     first, other = server.max_concurrent, second.max_concurrent
-    assert first == {f"127.0.0.1:{server.port}": 3}
-    assert other == {f"127.0.0.2:{second.port}": 3}
+    assert list(first) == [f"127.0.0.1:{server.port}"] and list(other) == [f"127.0.0.2:{second.port}"]
+    assert 2 <= first[f"127.0.0.1:{server.port}"] <= 3
+    assert 2 <= other[f"127.0.0.2:{second.port}"] <= 3
 
 
 def test_per_host_rate_spaces_request_starts(server: LoopbackServer) -> None:
