@@ -17,7 +17,9 @@ What it does, in one run:
    one host), the default of 4, and 16 again. Ray is started before the timed part and its
    start-up is printed separately (on a cluster it is already up); the first run also pays
    for Ray's worker processes starting and importing capfilt (marked "cold workers");
-4. prints images/s side by side (successful images / wall seconds of the whole command)
+4. times the download stage alone (``Downloader`` called in this process on batches of 64
+   URLs, per-host cap 4), which is what the stage costs without Ray and the writer;
+5. prints images/s side by side (successful images / wall seconds of the whole command)
    and the load average, since the machine may be shared.
 """
 
@@ -120,6 +122,24 @@ def run_capfilt(url_file: Path, out: Path, size: int, per_host: int) -> tuple[fl
     return wall, int(statuses.get("ok", 0)), statuses
 
 
+def run_stage(url_file: Path, size: int, per_host: int) -> tuple[float, int]:
+    """The download stage alone, in this process: ``Downloader`` over batches of 64 URLs."""
+    from capfilt.config import DownloadConfig
+    from capfilt.stages.download import Downloader
+
+    cfg = DownloadConfig(
+        image_size=size, resize_mode="border", encode_format="jpg", encode_quality=95, timeout_s=10,
+        retries=0, threads=16, per_host_connections=per_host, allowed_hosts=["127.0.0.1"],
+    )  # fmt: skip
+    urls = np.array(pq.read_table(url_file).column("URL").to_pylist(), dtype=object)
+    start = time.perf_counter()
+    downloader = Downloader(cfg=cfg)  # imports img2dataset's resizer: counted
+    ok = 0
+    for i in range(0, len(urls), 64):
+        ok += int((downloader({"url": urls[i : i + 64]})["status"] == "ok").sum())
+    return time.perf_counter() - start, ok
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=5000)
@@ -149,7 +169,9 @@ def main() -> None:
         )
         load_before = os.getloadavg()
         i2d_wall, i2d_ok = run_img2dataset(url_file, work / "img2dataset", args.image_size)
+        stage_wall, stage_ok = run_stage(url_file, args.image_size, 4)
 
+        per_hosts = [int(v) for v in args.per_host.split(",") if v.strip()]
         import ray
 
         t_ray = time.perf_counter()
@@ -157,7 +179,7 @@ def main() -> None:
         ray_start = time.perf_counter() - t_ray
         try:
             runs = []
-            for per_host in [int(v) for v in args.per_host.split(",")]:
+            for per_host in per_hosts:
                 wall, ok, statuses = run_capfilt(
                     url_file, work / f"capfilt_{per_host}", args.image_size, per_host
                 )
@@ -178,6 +200,9 @@ def main() -> None:
     print(
         f"{'img2dataset (2 processes x 16 threads)':<52} {i2d_ok:>6} {i2d_wall:>8.1f} {i2d_rate:>9.1f} {1.0:>14.2f}x"
     )
+    name = "capfilt download stage alone, 1 process (cap 4)"
+    print(f"{name:<52} {stage_ok:>6} {stage_wall:>8.1f} {stage_ok / stage_wall:>9.1f} "
+          f"{stage_ok / stage_wall / i2d_rate:>14.2f}x")  # fmt: skip
     for i, (per_host, wall, ok, statuses) in enumerate(runs):
         name = f"capfilt, per_host_connections {per_host}" + (" (cold workers)" if i == 0 else "")
         print(f"{name:<52} {ok:>6} {wall:>8.1f} {ok / wall:>9.1f} {ok / wall / i2d_rate:>14.2f}x")
