@@ -462,6 +462,7 @@ def run_all(
         "threads": args.threads,
         "timeout_s": 10,
         "retries": 0,
+        "allowed_hosts": ["127.0.0.1"],  # the images are served on loopback
     }
     with LoopbackServer(directory=work / "www") as server:
         for mode in [m for m in modes if m in ("download", "models")]:

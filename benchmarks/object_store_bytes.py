@@ -148,7 +148,10 @@ def _write_config(
 
     config: dict = {
         "input": {"path": str(urls)},
-        "download": {"image_size": 384, "resize_mode": "keep_ratio", "threads": 8, "timeout_s": 10},
+        "download": {
+            "image_size": 384, "resize_mode": "keep_ratio", "threads": 8, "timeout_s": 10,
+            "allowed_hosts": ["127.0.0.1"],  # the images are served on loopback
+        },
         "output": {"dir": str(out), "rows_per_shard": rows_per_shard},
         "ray": {"address": address},
     }

@@ -241,8 +241,11 @@ def _capfilt_config(url_file: Path, out_dir: Path, captioner: Path, filt: Path, 
             "input": {"path": str(url_file), "key_col": "key"},
             # repetition_penalty 1.0 as the naive loop's generate(); border as when the recorded
             # figures were measured (the defaults are now 1.1 and keep_ratio).
-            "download": {"image_size": settings.size, "threads": settings.download_threads, "retries": 0,
-                         "resize_mode": "border"},
+            "download": {
+                "image_size": settings.size, "threads": settings.download_threads, "retries": 0,
+                "resize_mode": "border",
+                "allowed_hosts": ["127.0.0.1"],  # the corpus is served on loopback
+            },
             "caption": {
                 "model": str(captioner), "num_captions": settings.num_captions, "top_p": settings.top_p,
                 "repetition_penalty": 1.0,

@@ -825,6 +825,11 @@ class Bootstrap:
 
         synthetic = c.synthetic
         keep_cols = ["noise_type", "noisy"] if synthetic else []
+        download = p.download
+        if self.corpus.served is not None and "127.0.0.1" not in download.allowed_hosts:
+            # The corpus is served by capfilt.serve on 127.0.0.1 for the round: the address policy
+            # blocks loopback by default, so the round's config opts in to that one address.
+            download = download.model_copy(update={"allowed_hosts": [*download.allowed_hosts, "127.0.0.1"]})
         return PipelineConfig(
             input=InputConfig(
                 path=str(urls),
@@ -834,7 +839,7 @@ class Bootstrap:
                 key_col="key" if synthetic else c.key_col,
                 keep_cols=keep_cols,
             ),
-            download=p.download,
+            download=download,
             caption=CaptionConfig(**stage(p.caption, "caption")),
             filter=FilterConfig(**stage(p.filter, "filter")),
             output=OutputConfig(dir=str(out), rows_per_shard=p.output.rows_per_shard),

@@ -204,9 +204,51 @@ class DownloadConfig(_Section):
     # keep_ratio: the smaller side becomes image_size, nothing is cut or padded, so the stored image
     # stays useful for training (random crops); the models squash it to their own input side.
     resize_mode: Literal["no", "keep_ratio", "center_crop", "border", "keep_ratio_largest"] = "keep_ratio"
-    timeout_s: Seconds = 10.0
-    retries: Retries = Field(default=1, description="Extra attempts after a transient failure.")
+    timeout_s: Seconds = Field(
+        default=10.0,
+        description="Absolute deadline of one request: connect, status line, headers, body, all redirect hops.",
+    )
+    retries: Retries = Field(default=1, description="Extra attempts after a transient failure (exponential back-off).")
     max_bytes: PositiveInt = Field(default=20_000_000, description="Bodies larger than this are too_large.")
+    max_pixels: Annotated[int, Field(ge=1, le=1_000_000_000)] = Field(
+        default=40_000_000,
+        description="Images with more pixels (read from the header, before decoding) are too_large.",
+    )
+    decode_pixel_budget: PositiveInt = Field(
+        default=120_000_000,
+        description="Pixels a download task may hold decoded at once (threads wait for budget).",
+    )
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1 << 20)] = Field(
+        default=65_536, description="Status line + headers larger than this fail."
+    )
+    batch_timeout_s: Annotated[float, Field(gt=0, le=86_400)] | None = Field(
+        default=None,
+        description="Deadline of one download batch; rows still stuck are download_failed (deadline). "
+        "None: derived from timeout_s, retries, threads and the batch size.",
+    )
+    allow_private_networks: bool = Field(
+        default=False,
+        description="Allow loopback, private, link-local, CGNAT... addresses (blocked_address).",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names, IPs or CIDR networks exempt from the address policy, e.g. [127.0.0.1].",
+    )
+    per_host_connections: Annotated[int, Field(ge=1, le=1024)] = Field(
+        default=4, description="Concurrent requests to one host, per download task."
+    )
+    per_host_rate: PositiveFloat | None = Field(
+        default=None, description="Requests per second to one host, per download task; None: no limit."
+    )
+    backoff_s: Annotated[float, Field(ge=0, le=600)] = Field(
+        default=1.0, description="First back-off before a retry; doubles per attempt, jittered."
+    )
+    retry_after_max_s: Annotated[float, Field(ge=0, le=3600)] = Field(
+        default=60.0, description="Longest Retry-After honoured; a longer one fails the row."
+    )
+    robots_txt: bool = Field(
+        default=False, description="Fetch and obey each host's robots.txt (user agent: user_agent_token)."
+    )
     min_image_size: NonNegativeInt = Field(default=0, description="Smaller side below this is too_small.")
     user_agent_token: str | None = Field(
         default="capfilt", description="Token in the User-Agent and matched by X-Robots-Tag."
@@ -235,6 +277,26 @@ class DownloadConfig(_Section):
             return None
         return value.strip().lower()
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _valid_hosts(cls, values: list[str]) -> list[str]:
+        import ipaddress
+
+        out = []
+        for value in values:
+            entry = value.strip().lower().strip("[]")
+            if not entry:
+                raise ValueError("allowed_hosts entries must not be empty")
+            if "/" in entry:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"{value!r} is not a valid CIDR network") from None
+            elif any(c in entry for c in " :@?#") and not _is_ip(entry):
+                raise ValueError(f"{value!r} is not a host name, IP address or CIDR network")
+            out.append(entry)
+        return out
+
     @field_validator("disallowed_header_directives")
     @classmethod
     def _normalise_directives(cls, values: list[str]) -> list[str]:
@@ -249,6 +311,14 @@ class DownloadConfig(_Section):
         return data
 
     @model_validator(mode="after")
+    def _budget_fits_one_image(self) -> DownloadConfig:
+        if self.decode_pixel_budget < self.max_pixels:
+            raise ValueError(
+                f"decode_pixel_budget ({self.decode_pixel_budget}) must be at least max_pixels ({self.max_pixels})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _quality_in_range(self) -> DownloadConfig:
         top = 9 if self.encode_format == "png" else 100
         if self.encode_quality > top:
@@ -256,6 +326,16 @@ class DownloadConfig(_Section):
                 f"encode_quality {self.encode_quality} is out of range for {self.encode_format} (0-{top})"
             )
         return self
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class _ModelStage(_Section):
@@ -425,6 +505,21 @@ class RayConfig(_Section):
     """Ray connection: the only difference between a laptop and a cluster run."""
 
     address: str | None = Field(default=None, description='None: start a local Ray; "auto": join a cluster.')
+    max_retries: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Retries of a pipeline task (and restarts of an actor) after its worker died; "
+        "then the run fails naming the lost shards (Ray Data's default retries forever).",
+    )
+
+    def task_options(self) -> dict[str, int]:
+        """``map_batches`` kwargs for task stages: finite retries of a task whose worker died."""
+        return {"max_retries": self.max_retries}
+
+    def actor_options(self) -> dict[str, int]:
+        """``map_batches`` kwargs for actor-pool stages: finite actor restarts and task retries."""
+        return {"max_restarts": self.max_retries, "max_task_retries": self.max_retries}
 
 
 class PipelineConfig(_Section):

@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -605,6 +606,7 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDi
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=stages["read"].num_cpus,
+        **cfg.ray.task_options(),
     )
     download = stages["download"]
     # A read task returns a whole file or row-group range as one block; cut it (streaming, no
@@ -619,17 +621,21 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDi
             batch_size=None,
             batch_format="pyarrow",
             num_cpus=stages["where"].num_cpus,
+            **cfg.ray.task_options(),
         )
     ds = ds.map_batches(
         _download_batch,
         fn_kwargs={"cfg": cfg.download},
         batch_size=download.batch_size,
         num_cpus=download.num_cpus,
+        **cfg.ray.task_options(),
     )
     if cfg.dedup.enabled and cfg.dedup.near_distance is not None:
         from capfilt.stages.dedup import add_phash
 
-        ds = ds.map_batches(add_phash, batch_size=download.batch_size, num_cpus=download.num_cpus)
+        ds = ds.map_batches(
+            add_phash, batch_size=download.batch_size, num_cpus=download.num_cpus, **cfg.ray.task_options()
+        )
     drop: list[str] = []
     if "preprocess" in stages:
         sizes = sorted({_image_size(spec) for c in (cfg.caption, cfg.filter) if c for spec in model_specs(c)})
@@ -640,6 +646,7 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDi
             fn_kwargs={"sizes": sizes, "resize_mode": cfg.download.resize_mode},
             batch_size=pre.batch_size,
             num_cpus=pre.num_cpus,
+            **cfg.ray.task_options(),
         )
     # The last model stage drops the pixel columns: past it only image bytes, texts and scores travel.
     last_model = "filter" if cfg.filter is not None else "caption"
@@ -654,6 +661,7 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDi
             batch_size=s.batch_size,
             num_cpus=s.num_cpus,
             num_gpus=s.num_gpus,
+            **cfg.ray.actor_options(),
         )
     elif cfg.caption is not None:
         from capfilt.stages.caption import Captioner
@@ -666,6 +674,7 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDi
             batch_size=s.batch_size,
             num_cpus=s.num_cpus,
             num_gpus=s.num_gpus,
+            **cfg.ray.actor_options(),
         )
     if cfg.filter is not None and "fused" not in stages:
         from capfilt.stages.filter import Filter
@@ -678,6 +687,7 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDi
             batch_size=s.batch_size,
             num_cpus=s.num_cpus,
             num_gpus=s.num_gpus,
+            **cfg.ray.actor_options(),
         )
     if cfg.clip is not None:
         from capfilt.stages.clip import ClipScorer
@@ -690,12 +700,14 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDi
             batch_size=s.batch_size,
             num_cpus=s.num_cpus,
             num_gpus=s.num_gpus,
+            **cfg.ray.actor_options(),
         )
     ds = ds.map_batches(
         finish_batch,
         fn_kwargs={**selection_options(cfg), "drop": drop},
         batch_size=None,
         num_cpus=stages["select"].num_cpus,
+        **cfg.ray.task_options(),
     )
     ds = ds.map_batches(
         _write_parts,
@@ -703,6 +715,7 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDi
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=stages["write"].num_cpus,
+        **cfg.ray.task_options(),
     )
     return ds
 
@@ -1021,6 +1034,9 @@ def _execute(
         user = _user_error_in(err)
         if user is not None:
             raise UserError(_user_message(user)) from None
+        lost = _lost_work(err, remaining, cfg)
+        if lost is not None:
+            raise UserError(lost) from None
         raise
     finally:
         options.exclude_resources = excluded
@@ -1029,6 +1045,42 @@ def _execute(
         missing = {s: n - received.get(s, 0) for s, n in remaining.items()}
         raise RuntimeError(f"pipeline ended with rows missing for shards {missing}")
     return summaries, _stage_stats(ds)
+
+
+def _lost_work(err: BaseException, waiting: Iterable[int], cfg: PipelineConfig) -> str | None:
+    """One line naming the shards a batch was lost from, when a Ray worker died too often.
+
+    With finite ``ray.max_retries`` a batch whose worker keeps dying (OOM kill, segfault in a
+    decoder) ends the run instead of retrying forever; its rows never reach the writer, so the
+    shards still waiting for rows (``waiting``) are where the poison batch is.
+    """
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, OutOfMemoryError, WorkerCrashedError
+
+    lost_types = (WorkerCrashedError, OutOfMemoryError, ActorDiedError, ActorUnavailableError)
+    seen: set[int] = set()
+    pending: list[BaseException] = [err]
+    found: BaseException | None = None
+    while pending and found is None:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, lost_types):
+            found = current
+            break
+        pending.extend(e for e in (current.__cause__, current.__context__, getattr(current, "cause", None))
+                       if isinstance(e, BaseException))  # fmt: skip
+    if found is None:
+        return None
+    per_shard = cfg.output.rows_per_shard
+    waiting = sorted(waiting)
+    shards = ", ".join(f"{s} (input rows {s * per_shard}-{(s + 1) * per_shard - 1})" for s in waiting[:5])
+    more = f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
+    reason = " ".join(str(found).split())[:200]
+    return (
+        f"a pipeline batch failed {cfg.ray.max_retries + 1} times (ray.max_retries={cfg.ray.max_retries}), "
+        f"its worker died: {type(found).__name__}: {reason}; shards not completed: {shards or 'none'}{more}"
+    )
 
 
 def build_manifest(

@@ -29,7 +29,23 @@ Routes (stable: download tests depend on them). ``REST`` is any other route or a
 ``/big[/NBYTES]``                   200, ``image/jpeg``, NBYTES (default 25,000,000) zero bytes,
                                     streamed: exceeds a 20 MB download limit
 ``/gen/WxH.EXT``                    a generated W x H image (EXT jpg, png or webp; W, H <= 4096)
+``/png16/WxH``                      a mid-grey 16-bit grayscale PNG (W, H <= 20000): tiny file, many
+                                    pixels (9000x9000 is ~160 KB for 81 Mpx)
+``/drip/PHASE/FILE``                ``FILE`` (as for /truncated) sent at 1 byte per second during
+                                    PHASE: ``status`` (status line), ``headers``, ``chunks`` (chunked
+                                    body, the chunk-size lines dripped) or ``body``; the rest is sent
+                                    at once. ``drips`` records whether the client hung up early
+``/many-headers/N/REST``            ``REST`` with N extra 1,000-byte headers (N <= 10000)
+``/retry-after/N/VALUE/REST``       429 with ``Retry-After: VALUE`` (URL-decoded: seconds or an HTTP
+                                    date) for the first N requests of this exact path, then ``REST``;
+                                    ``request_times`` has when each request arrived
+``/goto/URL``                       302 to the URL-decoded absolute ``URL`` (another host or port)
+``/robots.txt``                     the ``robots_txt`` text given to the server (else a file or 404)
 ==================================  ================================================================
+
+Every request is counted per ``Host`` header while it is being answered: ``max_concurrent`` has
+the most simultaneous requests seen per Host. A server may listen on any 127.x.y.z address
+(``host=``), so two servers on 127.0.0.1 and 127.0.0.2 are two hosts for a client.
 
 Tests may add their own routes: ``LoopbackServer(directory=..., routes={"name": fn})`` sends
 ``/name/REST`` to ``fn(handler, rest)``, where ``handler.reply(...)`` answers.
@@ -37,12 +53,17 @@ Tests may add their own routes: ``LoopbackServer(directory=..., routes={"name": 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
+import struct
 import sys
 import threading
+import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 from pathlib import Path
@@ -73,6 +94,11 @@ BIG_DEFAULT_BYTES = 25_000_000
 
 MAX_SLOW_SECONDS = 60.0
 MAX_GEN_SIDE = 4096
+MAX_PNG16_SIDE = 20_000
+MAX_EXTRA_HEADERS = 10_000
+DRIP_INTERVAL_S = 1.0
+"""Seconds between two bytes of a ``/drip`` phase."""
+DRIP_PHASES = ("status", "headers", "chunks", "body")
 _CHUNK = 64 * 1024
 
 Route = Callable[["LoopbackHandler", str], None]
@@ -86,14 +112,23 @@ class _Server(ThreadingHTTPServer):
     block_on_close = True
     allow_reuse_address = True
 
-    def __init__(self, *, root: Path, port: int, routes: Mapping[str, Route]) -> None:
+    request_queue_size = 128  # the default backlog of 5 drops bursts of concurrent clients
+
+    def __init__(
+        self, *, root: Path, host: str, port: int, routes: Mapping[str, Route], robots_txt: str | None
+    ) -> None:
         self.root = root
         self.routes = dict(routes)
+        self.robots_txt = robots_txt
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.flaky_counts: dict[str, int] = {}
         self.request_log: list[tuple[str, str]] = []
-        super().__init__((HOST, port), LoopbackHandler)
+        self.request_times: list[tuple[str, float]] = []
+        self.active: dict[str, int] = {}
+        self.max_active: dict[str, int] = {}
+        self.drips: list[tuple[str, str, int]] = []
+        super().__init__((host, port), LoopbackHandler)
 
     def handle_error(self, request: object, client_address: object) -> None:
         """Clients that hang up early (timeouts, size limits) are expected: no tracebacks for those."""
@@ -165,15 +200,26 @@ class LoopbackHandler(BaseHTTPRequestHandler):
 
     def _dispatch_request(self) -> None:
         path = urlsplit(self.path).path
-        with self.server.lock:
-            self.server.request_log.append((self.command, path))
+        host = self.headers.get("Host", "")
+        server = self.server
+        with server.lock:
+            server.request_log.append((self.command, path))
+            server.request_times.append((path, time.monotonic()))
+            server.active[host] = server.active.get(host, 0) + 1
+            server.max_active[host] = max(server.max_active.get(host, 0), server.active[host])
         self._extra_headers = []
         try:
-            self._route(path.lstrip("/"))
+            if path == "/robots.txt" and server.robots_txt is not None:
+                self.reply(200, server.robots_txt.encode(), content_type=CONTENT_TYPES[".txt"])
+            else:
+                self._route(path.lstrip("/"))
         except (ConnectionError, TimeoutError):
             raise
         except _BadRequest as error:
             self.reply(400, f"{error}\n".encode())
+        finally:
+            with server.lock:
+                server.active[host] -= 1
 
     def _route(self, rest: str) -> None:
         name, _, tail = rest.partition("/")
@@ -308,6 +354,83 @@ class LoopbackHandler(BaseHTTPRequestHandler):
             raise _BadRequest("big size must not be negative")
         self._stream_zeros(nbytes, "image/jpeg")
 
+    def _png16(self, tail: str) -> None:
+        match = re.fullmatch(r"(\d+)x(\d+)", tail)
+        if match is None or not all(1 <= int(v) <= MAX_PNG16_SIDE for v in match.groups()):
+            raise _BadRequest(f"png16: expected WxH with sides 1..{MAX_PNG16_SIDE}, got {tail!r}")
+        self.reply(200, _png16(int(match[1]), int(match[2])), content_type="image/png")
+
+    def _drip(self, tail: str) -> None:
+        phase, _, rest = tail.partition("/")
+        if phase not in DRIP_PHASES:
+            raise _BadRequest(f"drip: phase must be one of {', '.join(DRIP_PHASES)}, got {phase!r}")
+        found = self._file_body(rest)
+        if found is None:
+            self.reply(404, b"not found\n")
+            return
+        body, content_type = found
+        status_line = b"HTTP/1.1 200 OK\r\n"
+        framing = "Transfer-Encoding: chunked" if phase == "chunks" else f"Content-Length: {len(body)}"
+        headers = f"Content-Type: {content_type}\r\n{framing}\r\nConnection: close\r\n\r\n".encode()
+        parts: list[tuple[bytes, bool]] = [(status_line, phase == "status"), (headers, phase == "headers")]
+        if phase == "chunks":
+            for start in range(0, len(body), 1000):
+                piece = body[start : start + 1000]
+                parts += [(b"%x\r\n" % len(piece), True), (piece + b"\r\n", False)]
+            parts.append((b"0\r\n\r\n", True))
+        else:
+            parts.append((body, phase == "body"))
+        self.close_connection = True
+        sent = 0
+        outcome = "completed"
+        try:
+            for data, slow in parts:
+                if not slow:
+                    self.wfile.write(data)
+                    sent += len(data)
+                    continue
+                for i in range(len(data)):
+                    self.wfile.write(data[i : i + 1])
+                    sent += 1
+                    if self.server.stopping.wait(DRIP_INTERVAL_S):
+                        outcome = "server stopped"
+                        return
+        except OSError:  # ConnectionError included: the client hung up
+            outcome = "client closed early"
+        finally:
+            with self.server.lock:
+                self.server.drips.append((urlsplit(self.path).path, outcome, sent))
+
+    def _many_headers(self, tail: str) -> None:
+        count_text, _, rest = tail.partition("/")
+        count = _int_arg(count_text, "header count")
+        if not 0 <= count <= MAX_EXTRA_HEADERS:
+            raise _BadRequest(f"many-headers: count must be within 0..{MAX_EXTRA_HEADERS}")
+        self._extra_headers.extend((f"X-Filler-{i}", "a" * 980) for i in range(count))
+        self._route(rest)
+
+    def _retry_after(self, tail: str) -> None:
+        count_text, _, rest = tail.partition("/")
+        value, _, rest = rest.partition("/")
+        failures = _int_arg(count_text, "retry-after count")
+        value = unquote(value)
+        if "\r" in value or "\n" in value:
+            raise _BadRequest("Retry-After value must be one line")
+        key = urlsplit(self.path).path
+        with self.server.lock:
+            seen = self.server.flaky_counts.get(key, 0)
+            self.server.flaky_counts[key] = seen + 1
+        if seen < failures:
+            self.reply(429, b"too many requests\n", headers={"Retry-After": value})
+        else:
+            self._route(rest)
+
+    def _goto(self, tail: str) -> None:
+        target = unquote(tail)
+        if "\r" in target or "\n" in target:
+            raise _BadRequest("goto: the URL must be one line")
+        self.reply(302, b"", headers={"Location": target})
+
     def _gen(self, tail: str) -> None:
         found = _generated_image(tail)
         if found is None:
@@ -352,6 +475,20 @@ def _generated_image(spec: str) -> tuple[bytes, str] | None:
     return buf.getvalue(), CONTENT_TYPES[f".{ext}"]
 
 
+@lru_cache(maxsize=4)
+def _png16(width: int, height: int) -> bytes:
+    """A valid mid-grey (32768) 16-bit grayscale PNG, compressed row by row (small memory)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" + b"\x80\x00" * width  # filter byte "none", then big-endian 16-bit samples
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
 _BUILTINS: dict[str, Callable[[LoopbackHandler, str], None]] = {
     "status": LoopbackHandler._status,
     "slow": LoopbackHandler._slow,
@@ -365,6 +502,11 @@ _BUILTINS: dict[str, Callable[[LoopbackHandler, str], None]] = {
     "html": LoopbackHandler._html,
     "big": LoopbackHandler._big,
     "gen": LoopbackHandler._gen,
+    "png16": LoopbackHandler._png16,
+    "drip": LoopbackHandler._drip,
+    "many-headers": LoopbackHandler._many_headers,
+    "retry-after": LoopbackHandler._retry_after,
+    "goto": LoopbackHandler._goto,
 }
 SPECIAL_ROUTES: tuple[str, ...] = tuple(_BUILTINS)
 """First path segments that are routes, not files: a file under DIR/status/... cannot be served."""
@@ -376,10 +518,18 @@ class LoopbackServer:
     ``port=0`` picks a free port; ``url`` is the base URL without a trailing slash. ``requests``
     lists every (method, path) received, for tests that count retries or redirects. Leaving the
     ``with`` block wakes sleeping ``/slow`` handlers, stops the server and joins all its threads.
+    ``host`` may be any loopback IPv4 address (127.0.0.2 is a second host for a client);
+    ``robots_txt`` is served at ``/robots.txt``.
     """
 
     def __init__(
-        self, *, directory: Path | str, port: int = 0, routes: Mapping[str, Route] | None = None
+        self,
+        *,
+        directory: Path | str,
+        port: int = 0,
+        routes: Mapping[str, Route] | None = None,
+        host: str = HOST,
+        robots_txt: str | None = None,
     ) -> None:
         root = Path(directory)
         if not root.is_dir():
@@ -390,9 +540,18 @@ class LoopbackServer:
         if not 0 <= port <= 65535:
             raise UserError(f"port: must be within 0..65535, got {port}")
         try:
-            self._server = _Server(root=root, port=port, routes=routes or {})
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            address = None
+        if address is None or address.version != 4 or not address.is_loopback:
+            raise UserError(f"host: {host!r} is not a loopback IPv4 address (127.x.y.z)")
+        self.host = host
+        try:
+            self._server = _Server(
+                root=root, host=host, port=port, routes=routes or {}, robots_txt=robots_txt
+            )
         except OSError as error:
-            raise UserError(f"port: cannot listen on {HOST}:{port} ({error.strerror or error})") from None
+            raise UserError(f"port: cannot listen on {host}:{port} ({error.strerror or error})") from None
         self._thread: threading.Thread | None = None
 
     @property
@@ -401,12 +560,31 @@ class LoopbackServer:
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def requests(self) -> list[tuple[str, str]]:
         with self._server.lock:
             return list(self._server.request_log)
+
+    @property
+    def request_times(self) -> list[tuple[str, float]]:
+        """(path, ``time.monotonic()`` when it arrived) for every request, in arrival order."""
+        with self._server.lock:
+            return list(self._server.request_times)
+
+    @property
+    def max_concurrent(self) -> dict[str, int]:
+        """Most requests answered at the same time, per ``Host`` header (``host:port``)."""
+        with self._server.lock:
+            return dict(self._server.max_active)
+
+    @property
+    def drips(self) -> list[tuple[str, str, int]]:
+        """(path, outcome, bytes sent) of each finished ``/drip`` response; outcome is
+        ``completed``, ``client closed early`` or ``server stopped``."""
+        with self._server.lock:
+            return list(self._server.drips)
 
     def url_for(self, path: str) -> str:
         """Absolute URL of a path below the root, quoting what needs it."""

@@ -30,6 +30,7 @@ class Status(StrEnum):
     filtered_metadata = "filtered_metadata"
     invalid_url = "invalid_url"
     download_failed = "download_failed"
+    blocked_address = "blocked_address"
     opted_out = "opted_out"
     decode_failed = "decode_failed"
     too_small = "too_small"
@@ -47,12 +48,18 @@ class Status(StrEnum):
 _DESCRIPTIONS: dict[Status, str] = {
     Status.ok: "image downloaded, decoded and resized; the model stages that ran succeeded",
     Status.filtered_metadata: "input.where rejected the row's metadata (or it was null); never downloaded",
-    Status.invalid_url: "URL empty, null, unparsable or not http(s) (file://, ftp://, data: are refused)",
-    Status.download_failed: "HTTP error status, timeout, redirect loop or too many redirects, network error",
-    Status.opted_out: "the X-Robots-Tag response header carries a disallowed directive (noai, noimageai, ...)",
+    Status.invalid_url: "URL empty, null, unparsable, with credentials (user:pw@) or not http(s) "
+    "(file://, ftp://, data: are refused)",
+    Status.download_failed: "HTTP error status, deadline (timeout_s per request, batch_timeout_s per batch), "
+    "redirect loop or too many redirects, network error, Retry-After over the cap, robots.txt unreachable",
+    Status.blocked_address: "the host (or a redirect hop) resolves to a loopback, private, link-local, CGNAT or "
+    "other non-global address; see download.allowed_hosts and download.allow_private_networks",
+    Status.opted_out: "an X-Robots-Tag header (on any redirect hop) carries a disallowed directive (noai, "
+    "noimageai, ...), or robots.txt disallows the URL (download.robots_txt: true)",
     Status.decode_failed: "body empty, not an image, truncated or corrupt",
     Status.too_small: "the image's smaller side is below download.min_image_size",
-    Status.too_large: "body over download.max_bytes, or too many pixels to decode safely (decompression bomb)",
+    Status.too_large: "body over download.max_bytes, more pixels than download.max_pixels (read from the "
+    "header, before decoding), or out of memory while decoding",
     Status.caption_failed: "the captioner raised on this sample (its image was fine)",
     Status.filter_failed: "the filter raised on this sample (its image and captions were fine)",
     Status.clip_failed: "the CLIP scorer raised on this sample (its image and captions were fine)",

@@ -107,7 +107,8 @@ def model_config(workdir: Path, served: str, tiny_models: tuple[Path, Path]) -> 
     captioner, filter_ = tiny_models
     config = {
         "input": {"path": str(write_input(workdir / "urls.parquet", MODEL_ROWS, served))},
-        "download": {"image_size": 32, "threads": 2, "timeout_s": 10, "retries": 0, "min_image_size": 16},
+        "download": {"image_size": 32, "threads": 2, "timeout_s": 10, "retries": 0, "min_image_size": 16,
+                     "allowed_hosts": ["127.0.0.1"]},
         "caption": {"model": str(captioner), "num_captions": 2, "max_length": 10, "min_length": 3, "batch_size": 1},
         "filter": {"model": str(filter_), "threshold": 0.5, "keep_synthetic": 1, "batch_size": 1},
         "output": {"dir": str(workdir / "unused"), "rows_per_shard": ROWS_PER_SHARD},
@@ -122,7 +123,7 @@ def model_config(workdir: Path, served: str, tiny_models: tuple[Path, Path]) -> 
 def download_config(workdir: Path, served: str) -> Path:
     config = {
         "input": {"path": str(write_input(workdir / "slow.parquet", SLOW_ROWS, served))},
-        "download": {"image_size": 32, "threads": 1, "timeout_s": 20, "retries": 0},
+        "download": {"image_size": 32, "threads": 1, "timeout_s": 20, "retries": 0, "allowed_hosts": ["127.0.0.1"]},
         "output": {"dir": str(workdir / "unused"), "rows_per_shard": ROWS_PER_SHARD},
         "ray": {"address": "auto"},
     }

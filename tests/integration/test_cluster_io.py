@@ -46,7 +46,10 @@ def _input_files(root: Path, base: str) -> list[Path]:
 def _config(root: Path, inputs: list[str], out: str) -> Path:
     config = {
         "input": {"path": inputs, "format": "csv"},
-        "download": {"image_size": 32, "threads": 2, "timeout_s": 5, "retries": 0, "min_image_size": 16},
+        "download": {
+            "image_size": 32, "threads": 2, "timeout_s": 5, "retries": 0, "min_image_size": 16,
+            "allowed_hosts": ["127.0.0.1"],
+        },
         "output": {"dir": out, "rows_per_shard": ROWS_PER_SHARD},
     }
     path = root / "cluster.yaml"

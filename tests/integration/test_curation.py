@@ -62,7 +62,7 @@ def clip_run(
         urls = [f"{server.url}/good{i}.jpg" for i in range(5)] + [f"{server.url}/status/404"]
         config = {
             "input": {"path": input_file(root / "urls.parquet", urls, [*texts, "missing"])},
-            "download": {"image_size": 32, "threads": 2, "timeout_s": 5, "retries": 0},
+            "download": {"image_size": 32, "threads": 2, "timeout_s": 5, "retries": 0, "allowed_hosts": ["127.0.0.1"]},
             "caption": {"model": str(captioner), "num_captions": 3, "max_length": 10, "min_length": 3},
             "filter": {"model": str(filter_), "threshold": THRESHOLD, "keep_synthetic": 3},
             "clip": {"model": str(clip), "batch_size": 4},
@@ -161,7 +161,7 @@ def dedup_config(url: str, root: Path, **dedup: object) -> dict:
     urls = [url + path for path, _ in DEDUP_ROWS]
     return {
         "input": {"path": input_file(root / "urls.parquet", urls, [f"text {i}" for i in range(len(urls))])},
-        "download": {"image_size": 64, "threads": 2, "timeout_s": 5, "retries": 0},
+        "download": {"image_size": 64, "threads": 2, "timeout_s": 5, "retries": 0, "allowed_hosts": ["127.0.0.1"]},
         "dedup": {"enabled": True, **dedup},
         "output": {"dir": str(root / "run"), "rows_per_shard": 3},
     }

@@ -103,7 +103,7 @@ def config_file(
         "input": {"path": str(root / "urls.parquet"), "keep_cols": ["lang"]},
         "download": {
             "image_size": 32, "threads": 4, "timeout_s": 2, "retries": 0, "max_bytes": 200_000,
-            "min_image_size": 16,
+            "min_image_size": 16, "allowed_hosts": ["127.0.0.1"],
         },
         "caption": {"model": str(captioner), "num_captions": 2, "max_length": 10, "min_length": 3, "batch_size": 16},
         "filter": {"model": str(filter_), "threshold": THRESHOLD, "keep_synthetic": 1, "batch_size": 32, "itc_column": True},

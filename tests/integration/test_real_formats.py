@@ -67,7 +67,7 @@ def config_file(server, tiny_models, tmp_path_factory) -> Path:
     captioner, _ = tiny_models
     config = {
         "input": {"path": str(root / "part-00000.parquet"), "keep_cols": ["punsafe"], "where": WHERE, "limit": LIMIT},
-        "download": {"image_size": 48, "threads": 4, "timeout_s": 5, "retries": 0},
+        "download": {"image_size": 48, "threads": 4, "timeout_s": 5, "retries": 0, "allowed_hosts": ["127.0.0.1"]},
         "caption": {"model": str(captioner), "num_captions": 1, "max_length": 10, "min_length": 3, "batch_size": 8},
         "filter": {"model": "set-per-run", "threshold": 0.5, "batch_size": 8},
         "output": {"dir": str(root / "unused"), "rows_per_shard": 5},
