@@ -1,6 +1,6 @@
 """Pipeline configuration: one pydantic class per YAML section, and the loader.
 
-The YAML keys are a user-facing contract (see DESIGN.md "Contracts"), so every section
+The YAML keys are a user-facing contract (README "Pipeline YAML", docs/architecture.md), so every section
 forbids unknown keys: a typo such as ``top_q`` must fail loudly rather than silently run
 with the default. Every failure of :func:`load` is a :class:`capfilt.errors.UserError`
 whose message is one line naming the file or ``--set`` option, the field, and what is

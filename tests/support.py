@@ -42,7 +42,7 @@ def tiny_med(*, seed: int):
 
 
 # --------------------------------------------------------------------------- run directories
-# A run directory written the way DESIGN.md "Run directory" specifies (pyarrow for the parquet
+# A run directory written the way the README's "Run directory" section specifies (pyarrow for the parquet
 # files, webdataset's TarWriter for the image shards), independently of the pipeline, so export
 # and report are checked against the contract rather than against what the pipeline writes.
 

@@ -1,6 +1,6 @@
 """capfilt export: a hand-built run directory exported to webdataset, parquet and jsonl.
 
-The fixture writes a run directory the way DESIGN.md "Run directory" specifies (pyarrow for
+The fixture writes a run directory the way the README's "Run directory" section specifies (pyarrow for
 the parquet files, webdataset's TarWriter for the image shards), independently of the
 pipeline, so these tests check the export against the contract rather than against
 whatever the pipeline happens to write. The builders live in ``tests/support.py``.
