@@ -30,7 +30,7 @@ timeout 300 python -m pytest -m gpu -q -s tests/unit/test_gpu.py 2>&1 | tee "$OU
 
 {
   echo "gpu_check.sh $(date -u +%FT%TZ) exit ${status}"
-  head -n 1 "$OUT/nvidia-smi.txt"
+  tail -n 1 "$OUT/nvidia-smi.txt"  # torch, CUDA and GPU name
   for name in base_k1 large_k5; do
     echo "== $name"; tail -n 6 "$OUT/$name.txt"
   done

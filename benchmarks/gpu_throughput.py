@@ -217,7 +217,7 @@ def run_hf(captioner_dir, filter_dir, images, texts, *, k, batch, device, dtype)
         pixels = processor(images=pil, return_tensors="pt")["pixel_values"].to(device, torch_dtype)
         with torch.inference_mode():
             out = cap.generate(
-                pixel_values=pixels, input_ids=prompt.expand(len(pil), -1).to(device), do_sample=True,
+                pixel_values=pixels, input_ids=prompt.expand(len(pil), -1).clone().to(device), do_sample=True,
                 top_p=TOP_P, top_k=0, num_return_sequences=k, max_length=MAX_LENGTH, min_length=MIN_LENGTH,
             )  # fmt: skip
         decoded = tokenizer.batch_decode(out, skip_special_tokens=True)
