@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from capfilt import bootstrap
+
+pytestmark = pytest.mark.integration  # joins the test run's Ray session
 
 TINY = [
     "corpus.images=24", "corpus.human_images=8", "corpus.test_images=6", "corpus.size=32",
@@ -96,7 +98,5 @@ def test_minimal_bootstrap_end_to_end_and_rerun_is_a_noop(ray_session: str, tmp_
 
     # a rerun does nothing: no step runs, no artifact changes
     before = _digests(run)
-    started = time.perf_counter()
     bootstrap.run_bootstrap(None, TINY, out=run, progress=False)
-    assert time.perf_counter() - started < 30
     assert _digests(run) == before

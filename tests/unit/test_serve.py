@@ -135,10 +135,9 @@ def test_stop_wakes_slow_handlers_quickly(site: Path) -> None:
     deadline = time.monotonic() + 5
     while not srv.requests and time.monotonic() < deadline:
         time.sleep(0.01)
-    started = time.perf_counter()
-    srv.stop()
-    assert time.perf_counter() - started < 3
-    client.join(timeout=5)
+    srv.stop()  # must not wait out the 30 s handler
+    client.join(timeout=10)
+    assert not client.is_alive(), "stop() left the slow request hanging"
     assert errors, "the slow request should have been cut off"
     assert not [t for t in set(threading.enumerate()) - before if t.is_alive()]
 
@@ -234,11 +233,11 @@ def test_generated_image_rejects_bad_specs(server: LoopbackServer) -> None:
 
 
 def test_concurrent_requests_are_served_in_parallel(server: LoopbackServer) -> None:
-    started = time.perf_counter()
     with ThreadPoolExecutor(32) as pool:
         statuses = list(pool.map(lambda _: _get(f"{server.url}/slow/0.5/images/a.jpg")[0], range(32)))
     assert statuses == [200] * 32
-    assert time.perf_counter() - started < 6  # 16 s if served one at a time
+    # counted by the server while answering (no wall clock): several slow requests at once
+    assert max(server.max_concurrent.values()) > 1
 
 
 def test_custom_routes(site: Path) -> None:
