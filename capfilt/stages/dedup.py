@@ -264,7 +264,7 @@ def mark_shard(
     data = buffer.getvalue()
     atomic_write(write.dataset_path(run_dir, shard), lambda stream: stream.write(data))
     # The commit's record (checksums for verified resume) follows the rewritten dataset file.
-    meta = {k.decode() if isinstance(k, bytes) else k: v for k, v in (samples.schema.metadata or {}).items()}
+    meta = dict(samples.schema.metadata or {})  # bytes keys, as SHARD_META_KEY
     if SHARD_META_KEY in meta:
         record = json.loads(meta[SHARD_META_KEY])
         record["dataset_sha256"] = hashlib.sha256(data).hexdigest()

@@ -249,14 +249,15 @@ def test_corrupt_checkpoint_in_model_info(tmp_path: Path, checkpoint: Path, dama
 
 
 def test_corrupt_checkpoint_inside_a_caption_actor(tmp_path: Path, checkpoint: Path) -> None:
-    """What a Ray caption actor's __init__ raises is a CheckpointError, which the pipeline unwraps."""
+    """What a Ray caption actor's __init__ raises is a one-line UserError naming the model (the
+    loader's CheckpointError, reworded by capfilt.inference.load_med), which the pipeline unwraps."""
     from capfilt.config import CaptionConfig
+    from capfilt.errors import UserError
     from capfilt.pipeline import _user_error_in
     from capfilt.stages.caption import Captioner
-    from model.med import CheckpointError
 
     model = _corrupt_copy(checkpoint, tmp_path / "bad-model", "truncated weights")
-    with pytest.raises(CheckpointError) as info:
+    with pytest.raises(UserError, match="truncated or not a safetensors file") as info:
         Captioner(CaptionConfig(model=str(model)))
     wrapped = RuntimeError("actor died")
     wrapped.__cause__ = info.value

@@ -62,7 +62,13 @@ def clip_run(
         urls = [f"{server.url}/good{i}.jpg" for i in range(5)] + [f"{server.url}/status/404"]
         config = {
             "input": {"path": input_file(root / "urls.parquet", urls, [*texts, "missing"])},
-            "download": {"image_size": 32, "threads": 2, "timeout_s": 5, "retries": 0, "allowed_hosts": ["127.0.0.1"]},
+            "download": {
+                "image_size": 32,
+                "threads": 2,
+                "timeout_s": 5,
+                "retries": 0,
+                "allowed_hosts": ["127.0.0.1"],
+            },
             "caption": {"model": str(captioner), "num_captions": 3, "max_length": 10, "min_length": 3},
             "filter": {"model": str(filter_), "threshold": THRESHOLD, "keep_synthetic": 3},
             "clip": {"model": str(clip), "batch_size": 4},
@@ -161,7 +167,13 @@ def dedup_config(url: str, root: Path, **dedup: object) -> dict:
     urls = [url + path for path, _ in DEDUP_ROWS]
     return {
         "input": {"path": input_file(root / "urls.parquet", urls, [f"text {i}" for i in range(len(urls))])},
-        "download": {"image_size": 64, "threads": 2, "timeout_s": 5, "retries": 0, "allowed_hosts": ["127.0.0.1"]},
+        "download": {
+            "image_size": 64,
+            "threads": 2,
+            "timeout_s": 5,
+            "retries": 0,
+            "allowed_hosts": ["127.0.0.1"],
+        },
         "dedup": {"enabled": True, **dedup},
         "output": {"dir": str(root / "run"), "rows_per_shard": 3},
     }
@@ -237,3 +249,21 @@ def test_exact_only_dedup_leaves_near_duplicates(ray_session: str, dedup_www: st
         None,
     ]
     assert "phash" not in rows[0]
+
+
+def test_marked_shards_keep_a_record_that_verified_resume_accepts(dedup_run: Path) -> None:
+    """Dedup rewrites dataset/ and samples/ after the commit: the commit's checksums follow, so a
+    resume does not take the marked shards for damaged ones and redo them."""
+    from capfilt.rundir import RunDir, shard_meta, verify_shard
+
+    run = RunDir(dedup_run)
+    marked = [
+        s
+        for s in sorted(run.committed_shards())
+        if "duplicate_of" in pq.read_schema(write.samples_path(dedup_run, s)).names
+    ]
+    assert marked, "the fixture run marks duplicates"
+    for shard in sorted(run.committed_shards()):
+        rows, record = shard_meta(run, shard)
+        assert "dataset_sha256" in record
+        assert verify_shard(run, shard, rows) is None, shard
