@@ -188,11 +188,11 @@ def kill_points(seconds: float) -> list[tuple[str, float]]:
     """KILL_POINTS seeded points: ("shards", k) kills once k shards are committed (0: as soon as
     parts are being written), ("seconds", t) kills t seconds after the driver starts."""
     rng = random.Random(KILL_SEED)
+    by_shards = [rng.random() < 0.5 for _ in range(KILL_POINTS)]
+    counts = iter(rng.sample(range(SHARDS), sum(by_shards)))  # distinct shard counts
     return [
-        ("shards", rng.randrange(SHARDS))
-        if rng.random() < 0.5
-        else ("seconds", rng.uniform(0.1, 1.0) * seconds)
-        for _ in range(KILL_POINTS)
+        ("shards", next(counts)) if shards else ("seconds", rng.uniform(0.1, 1.0) * seconds)
+        for shards in by_shards
     ]
 
 
@@ -239,4 +239,4 @@ def test_kill_9_of_the_driver_at_5_seeded_points_then_rerun_gives_the_same_outpu
         assert write.committed_shards(out) == set(range(SHARDS)), point
         assert_identical_runs(out, ref_dir)
         assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")], point
-    assert any(interrupted), f"no kill point {points} interrupted a run"
+    assert any(interrupted), f"no kill point {points} interrupted a run: {interrupted}"
