@@ -347,3 +347,67 @@ def scene(seed: int, size: tuple[int, int] = (320, 240)):
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
     noise = np.random.default_rng(seed).normal(0, 6, (size[1], size[0], 3))
     return Image.fromarray((np.asarray(image, dtype=float) + noise).clip(0, 255).astype(np.uint8))
+
+
+# --------------------------------------------------------------------------- driver subprocesses and run contents
+
+
+def spawn_run(config: Path, out: Path, ray_address: str, *overrides: str, cwd: Path | None = None):
+    """Start ``capfilt run CONFIG`` as a subprocess joining the test run's Ray session.
+
+    Returns the ``subprocess.Popen`` (stdout discarded, stderr piped), for tests that kill the
+    driver (SIGKILL) at some point and then rerun. ``overrides`` are ``--set`` values.
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("capfilt", path=str(Path(sys.executable).parent)) or "capfilt"
+    command = [exe, "run", str(config), "--set", f"output.dir={out}", "--set", f"ray.address={ray_address}"]
+    for override in overrides:
+        command += ["--set", override]
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})  # fmt: skip
+
+
+def run_contents(run_dir: Path) -> dict[str, Any]:
+    """Everything a run directory holds that must not depend on interruption, exactly.
+
+    Every ``samples/`` and ``dataset/`` Parquet shard's rows (all columns, per file), every
+    ``images/`` tar's member names and bytes (in order), and the manifest without times.
+    """
+    import tarfile
+
+    contents: dict[str, Any] = {}
+    for sub in ("samples", "dataset"):
+        for path in sorted((run_dir / sub).glob("*.parquet")):
+            contents[f"{sub}/{path.name}"] = pq.read_table(path).to_pylist()
+    for path in sorted((run_dir / "images").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            contents[f"images/{path.name}"] = [
+                (m.name, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()
+            ]
+    manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    contents["manifest.json"] = {
+        k: v for k, v in manifest.items() if k not in ("started_at", "finished_at", "timing")
+    }
+    return contents
+
+
+def assert_identical_runs(run_dir: Path, reference: Path) -> None:
+    """``run_contents`` equal file by file (NaN scores compare equal to NaN)."""
+    got, want = run_contents(run_dir), run_contents(reference)
+    assert sorted(got) == sorted(want), "the runs hold different files"
+    for name in want:
+        assert _nan_safe(got[name]) == _nan_safe(want[name]), f"{name} differs from the reference run"
+
+
+def _nan_safe(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
+    if isinstance(value, dict):
+        return {k: _nan_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_nan_safe(v) for v in value)
+    return value

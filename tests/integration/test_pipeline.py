@@ -14,10 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from support import spawn_run
 from typer.testing import CliRunner
 
 from capfilt.cli import app
@@ -276,14 +274,8 @@ def test_a_run_killed_after_its_first_shard_resumes_to_the_same_output(
     reference: Path, config_file: Path, ray_session: str, tmp_path: Path
 ) -> None:
     out = tmp_path / "killed"
-    exe = shutil.which("capfilt", path=str(Path(sys.executable).parent)) or "capfilt"
     # Batch size 1 makes the shards trickle out one by one, so the kill lands mid-run.
-    command = [
-        exe, "run", str(config_file), "--set", f"output.dir={out}", "--set", f"ray.address={ray_session}",
-        "--set", "caption.batch_size=1", "--set", "filter.batch_size=1",
-    ]  # fmt: skip
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})  # fmt: skip
+    proc = spawn_run(config_file, out, ray_session, "caption.batch_size=1", "filter.batch_size=1", cwd=REPO)
     deadline = time.monotonic() + 150
     try:
         while not write.committed_shards(out):
