@@ -871,6 +871,7 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False, retry: str | None = None)
         },
     )
     run_dir.remove_parts_dir()
+    finish_staged(run_dir)  # every retried shard is published: this drops the empty _retry/
     run_dir.write_text("manifest.json", dumps_json(manifest))
     return Path(run_dir.root) if run_dir.local else run_dir.url
 

@@ -50,7 +50,7 @@ from capfilt.rundir import (
 from capfilt.stages.status import Status
 
 RETRY_DIR = "_retry"
-"""Staging area of shards being rewritten by a retry: ``_retry/shard-N/{images,dataset,samples}``."""
+"""Staging area of shards being rewritten by a retry: ``_retry/shard-N/{images,dataset,samples}/shard-N.*``."""
 TRANSIENT = "transient"
 """The ``--retry`` keyword for transient download failures (see :func:`is_transient`)."""
 NOT_RETRYABLE = {Status.ok, Status.filtered_metadata}
@@ -147,7 +147,7 @@ def read_retry_rows(batch: pa.Table, *, run: RunDir, keep_cols: list[str], rows_
 
 
 def _stage_path(run: RunDir, shard: int, kind: str) -> str:
-    return run.path(RETRY_DIR, shard_stem(shard), shard_name(kind, shard))
+    return run.path(RETRY_DIR, shard_stem(shard), kind, shard_name(kind, shard))
 
 
 def _publish(run: RunDir, shard: int) -> None:
