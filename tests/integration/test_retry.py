@@ -76,7 +76,11 @@ def _members(run: Path, shard: int) -> dict[str, bytes]:
 def _digests(run: Path, shard: int) -> list[str]:
     return [
         hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in (write.images_path(run, shard), write.dataset_path(run, shard), write.samples_path(run, shard))
+        for p in (
+            write.images_path(run, shard),
+            write.dataset_path(run, shard),
+            write.samples_path(run, shard),
+        )
     ]
 
 

@@ -84,7 +84,11 @@ def _rows(statuses: list[str], errors: list[str], images: list[bytes], rows: lis
 def _files(run: Path, shard: int) -> list[bytes]:
     return [
         p.read_bytes()
-        for p in (write.images_path(run, shard), write.dataset_path(run, shard), write.samples_path(run, shard))
+        for p in (
+            write.images_path(run, shard),
+            write.dataset_path(run, shard),
+            write.samples_path(run, shard),
+        )
     ]
 
 
