@@ -1090,7 +1090,7 @@ def _execute(
             shard = in_flight.pop(ref)
             summary = ray.get(ref)
             summaries[shard] = summary
-            bar.update(summary["rows"])
+            bar.update(summary["rows"] if retry_rows is None else expected[shard])  # retry: rows redone
             bar.set_postfix(shards=f"{len(summaries)}/{len(expected)}", pairs=summary["pairs"])
 
     # Keep one commit task's CPUs out of Ray Data's budget, so commits are not starved by the DAG.
