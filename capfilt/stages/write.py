@@ -285,7 +285,6 @@ def write_shard(
     kept flags (missing model columns get their "stage skipped" defaults). ``paths`` (kind ->
     path) writes the three files elsewhere (``capfilt run --retry`` stages a shard first).
     """
-
     run = _as_run(run)
     target = dict(paths or {})
     if ROW_COLUMN in rows.column_names:
