@@ -79,13 +79,22 @@ def run(
     config: Annotated[Path, typer.Argument(help="Pipeline YAML (see pipelines/).")],
     set_: SetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan; no work.")] = False,
+    retry: Annotated[
+        str | None,
+        typer.Option(
+            "--retry",
+            metavar="STATUS[,STATUS...]",
+            help="Re-process in place only the rows of a finished run with these statuses; "
+            "'transient' = download failures worth another try (timeouts, connection errors, HTTP 408/429/5xx).",
+        ),
+    ] = None,
 ):
     """Run the CapFilt pipeline: read -> download -> caption -> filter -> select -> write."""
     from capfilt import config as cfgmod
     from capfilt import pipeline
 
     cfg = cfgmod.load(config, set_ or [])
-    result = pipeline.run(cfg, dry_run=dry_run)
+    result = pipeline.run(cfg, dry_run=dry_run, retry=retry)
     if result is not None:
         typer.echo(str(result))
 

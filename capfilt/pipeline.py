@@ -585,10 +585,18 @@ def _split_blocks(ds: Any, rows: int, *, num_cpus: float) -> Any:
     return ds
 
 
-def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDir) -> Any:
+def _build_dataset(
+    cfg: PipelineConfig,
+    plan: Plan,
+    units: list[Any],
+    run: RunDir,
+    retry_rows: list[tuple[int, list[int]]] | None = None,
+) -> Any:
     """The streaming DAG over the read units (nothing runs until it is iterated).
 
-    Its output is one small row per part file written (``shard``, ``rows``, ``part``).
+    Its output is one small row per part file written (``shard``, ``rows``, ``part``). With
+    ``retry_rows`` ((shard, row positions) of a finished run, ``capfilt run --retry``) the rows
+    are read back from the samples files instead (capfilt/retry.py) and input.where is skipped.
     """
     import ray
 
@@ -598,21 +606,39 @@ def _build_dataset(cfg: PipelineConfig, plan: Plan, units: list[Any], run: RunDi
     # driver as itself, not as Ray Data's UserCodeException, so it stays a one-line error.
     ray.data.DataContext.get_current().raise_original_map_exception = True
     stages = {s.name: s for s in plan.stages}
-    items = [{"unit": json.dumps(dataclasses.asdict(u))} for u in units]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(
-        _read_batch,
-        fn_kwargs={"cfg": read_config(cfg.input), "rows_per_shard": cfg.output.rows_per_shard},
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=stages["read"].num_cpus,
-        **cfg.ray.task_options(),
-    )
+    if retry_rows is not None:
+        from capfilt.retry import read_retry_rows
+
+        items = [{"shard": shard, "rows": json.dumps(rows)} for shard, rows in retry_rows]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        ds = ds.map_batches(
+            read_retry_rows,
+            fn_kwargs={
+                "run": run,
+                "keep_cols": list(cfg.input.keep_cols),
+                "rows_per_shard": cfg.output.rows_per_shard,
+            },
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=stages["read"].num_cpus,
+            **cfg.ray.task_options(),
+        )
+    else:
+        items = [{"unit": json.dumps(dataclasses.asdict(u))} for u in units]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+        ds = ds.map_batches(
+            _read_batch,
+            fn_kwargs={"cfg": read_config(cfg.input), "rows_per_shard": cfg.output.rows_per_shard},
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=stages["read"].num_cpus,
+            **cfg.ray.task_options(),
+        )
     download = stages["download"]
     # A read task returns a whole file or row-group range as one block; cut it (streaming, no
     # shuffle) into download-batch blocks so that the download tasks run in parallel.
     ds = _split_blocks(ds, download.batch_size or 1, num_cpus=stages["read"].num_cpus or 1.0)
-    if "where" in stages:  # rows input.where rejects get status filtered_metadata
+    if "where" in stages and retry_rows is None:  # rows input.where rejects get status filtered_metadata
         from capfilt.stages.where import apply_where
 
         ds = ds.map_batches(
@@ -726,17 +752,28 @@ def shard_sizes(total_rows: int, rows_per_shard: int, done: set[int]) -> dict[in
     return {s: min(rows_per_shard, total_rows - s * rows_per_shard) for s in range(total) if s not in done}
 
 
-def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | str | None:
+def run(cfg: PipelineConfig, *, dry_run: bool = False, retry: str | None = None) -> Path | str | None:
     """Run (or with ``dry_run`` only plan) the pipeline; returns the run directory.
 
     The dry run validates the config, input path and model locations and prints the plan;
     it reads no input, touches no network and loads no model, and returns None. The run
     directory is a Path for a local ``output.dir``, else its URL.
+
+    ``retry`` (``--retry``: ``transient`` and/or status names, comma-separated) re-processes
+    only the matching rows of a finished run and rewrites their shards (capfilt/retry.py).
     """
     from capfilt.stages.read import plan_input
     from capfilt.stages.where import check_where_against_schema
 
     plan = make_plan(cfg)
+    if retry is not None:
+        from capfilt.retry import parse_statuses
+
+        parse_statuses(retry)  # a bad status list is one line before any work
+        if cfg.input.format == "webdataset":
+            raise UserError(
+                "--retry: a webdataset input carries its images; there is nothing to download again"
+            )
     if dry_run:
         print(plan.describe())
         return None
@@ -748,6 +785,9 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | str | None:
     run_dir.makedirs()
     _check_resumable(run_dir, cfg)
     run_dir.write_text("config.yaml", dump(cfg))
+    from capfilt.retry import finish_staged
+
+    finish_staged(run_dir)  # a shard a crashed --retry staged completely is published first
     run_dir.clean_partial()
     done = run_dir.committed_shards()
     _check_models(run_dir, cfg, resuming=bool(done))
@@ -776,16 +816,30 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | str | None:
                 inputs = _limited(inputs.with_done(done, cfg.output.rows_per_shard), cfg.input.limit)
         input_rows = min(inputs.total_rows, cfg.input.limit or inputs.total_rows)
         expected = shard_sizes(input_rows, cfg.output.rows_per_shard, done)
+        retry_rows: list[tuple[int, list[int]]] | None = None
+        if retry is not None:
+            from capfilt.retry import check_finished
+
+            check_finished(expected, run_dir.url)
+            started_ray = _init_ray(cfg.ray.address) or started_ray
+            retry_rows = _find_retry_rows(cfg, plan, run_dir, done, retry)
+            expected = {shard: len(rows) for shard, rows in retry_rows}
         todo_rows = sum(expected.values())
         total_shards = math.ceil(input_rows / cfg.output.rows_per_shard) if input_rows else 0
-        print(
-            f"capfilt: {input_rows} rows in {len(inputs.files)} files, {total_shards} shards; "
-            f"{len(done)} already committed, {todo_rows} rows to process",
-            file=sys.stderr,
-        )
+        if retry_rows is None:
+            print(
+                f"capfilt: {input_rows} rows in {len(inputs.files)} files, {total_shards} shards; "
+                f"{len(done)} already committed, {todo_rows} rows to process",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"capfilt: --retry {retry}: {todo_rows} rows in {len(expected)} of {total_shards} shards to retry",
+                file=sys.stderr,
+            )
         if expected:
             started_ray = _init_ray(cfg.ray.address) or started_ray
-            summaries, stage_stats = _execute(cfg, plan, run_dir, inputs.units, expected)
+            summaries, stage_stats = _execute(cfg, plan, run_dir, inputs.units, expected, retry_rows)
         if cfg.dedup.enabled:  # after the shard loop: marks duplicates across all committed shards
             from capfilt.stages.dedup import dedup_done, run_dedup
 
@@ -807,7 +861,7 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | str | None:
         input_rows=input_rows,
         total_shards=total_shards,
         started=started,
-        known=None if dedup_ran else summaries,  # dedup rewrote shards: count them again
+        known=None if dedup_ran or retry is not None else summaries,  # shards rewritten: count again
         timing={
             "wall_s": round(wall, 3),
             "rows_processed": int(todo_rows),
@@ -817,6 +871,7 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False) -> Path | str | None:
         },
     )
     run_dir.remove_parts_dir()
+    finish_staged(run_dir)  # every retried shard is published: this drops the empty _retry/
     run_dir.write_text("manifest.json", dumps_json(manifest))
     return Path(run_dir.root) if run_dir.local else run_dir.url
 
@@ -958,23 +1013,60 @@ def _driver_batches(ds: Any) -> Any:
 
 
 def _commit_task(
-    run: RunDir, shard: int, parts: list[str], expected: int, keep_cols: list[str], image_ext: str
+    run: RunDir, shard: int, parts: list[str], expected: int, keep_cols: list[str], image_ext: str, _rps: int
 ) -> dict[str, Any]:
     return writer.commit_shard(run, shard, parts, expected=expected, keep_cols=keep_cols, image_ext=image_ext)
 
 
+def _commit_retry_task(
+    run: RunDir, shard: int, parts: list[str], expected: int, keep_cols: list[str], image_ext: str, rps: int
+) -> dict[str, Any]:
+    from capfilt.retry import commit_retry
+
+    return commit_retry(
+        run, shard, parts, expected=expected, rows_per_shard=rps, keep_cols=keep_cols, image_ext=image_ext
+    )
+
+
+def _find_retry_rows(
+    cfg: PipelineConfig, plan: Plan, run: RunDir, shards: set[int], retry: str
+) -> list[tuple[int, list[int]]]:
+    """(shard, row positions) to retry, found by Ray tasks over the committed samples files."""
+    import ray
+
+    from capfilt.retry import SHARDS_PER_FIND_TASK, find_rows, parse_statuses
+
+    statuses, transient = parse_statuses(retry)
+    cpus = {s.name: s.num_cpus for s in plan.stages}["commit"]
+    find = ray.remote(find_rows).options(num_cpus=cpus, max_retries=COMMIT_RETRIES)
+    ordered = sorted(shards)
+    refs = [
+        find.remote(run, ordered[i : i + SHARDS_PER_FIND_TASK], statuses, transient)
+        for i in range(0, len(ordered), SHARDS_PER_FIND_TASK)
+    ]
+    return sorted(item for chunk in ray.get(refs) for item in chunk)
+
+
 def _execute(
-    cfg: PipelineConfig, plan: Plan, run_dir: RunDir, units: list[Any], expected: dict[int, int]
+    cfg: PipelineConfig,
+    plan: Plan,
+    run_dir: RunDir,
+    units: list[Any],
+    expected: dict[int, int],
+    retry_rows: list[tuple[int, list[int]]] | None = None,
 ) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
     """Stream the DAG; commit each shard in a task once its parts are in.
 
+    With ``retry_rows`` (``--retry``) the DAG reads those rows back, ``expected`` counts the
+    retried rows per shard and the commit task merges them into the committed shard.
     Returns (per-shard summaries of the shards committed now, per-stage stats).
     """
     import ray
     from tqdm import tqdm
 
     cpus = {s.name: s.num_cpus for s in plan.stages}
-    commit = ray.remote(_commit_task).options(num_cpus=cpus["commit"], max_retries=COMMIT_RETRIES)
+    task = _commit_task if retry_rows is None else _commit_retry_task
+    commit = ray.remote(task).options(num_cpus=cpus["commit"], max_retries=COMMIT_RETRIES)
     keep_cols = list(cfg.input.keep_cols)
     ext = cfg.download.encode_format
     remaining = dict(expected)
@@ -998,14 +1090,14 @@ def _execute(
             shard = in_flight.pop(ref)
             summary = ray.get(ref)
             summaries[shard] = summary
-            bar.update(summary["rows"])
+            bar.update(summary["rows"] if retry_rows is None else expected[shard])  # retry: rows redone
             bar.set_postfix(shards=f"{len(summaries)}/{len(expected)}", pairs=summary["pairs"])
 
     # Keep one commit task's CPUs out of Ray Data's budget, so commits are not starved by the DAG.
     options = ray.data.DataContext.get_current().execution_options
     excluded = options.exclude_resources
     options.exclude_resources = ray.data.ExecutionResources(cpu=cpus["commit"])
-    ds = _build_dataset(cfg, plan, units, run_dir)
+    ds = _build_dataset(cfg, plan, units, run_dir, retry_rows)
     try:
         for batch in _driver_batches(ds):
             for shard, rows, part in zip(
@@ -1024,7 +1116,13 @@ def _execute(
                     )
                 if received[shard] == remaining[shard]:
                     ref = commit.remote(
-                        run_dir, shard, parts.pop(shard), remaining.pop(shard), keep_cols, ext
+                        run_dir,
+                        shard,
+                        parts.pop(shard),
+                        remaining.pop(shard),
+                        keep_cols,
+                        ext,
+                        cfg.output.rows_per_shard,
                     )
                     in_flight[ref] = shard
                     del received[shard]

@@ -276,14 +276,17 @@ def write_shard(
     *,
     keep_cols: Sequence[str] = (),
     image_ext: str = "jpg",
+    paths: Mapping[str, str] | None = None,
 ) -> ShardSummary:
     """Commit one complete shard: images tar, dataset parquet, then samples parquet (the marker).
 
     ``rows`` are all the shard's rows (any order; sorted by ``_row`` when present) with the
     pipeline's columns: key, url, web_text, status, error, image, synthetic_texts, scores and
-    kept flags (missing model columns get their "stage skipped" defaults).
+    kept flags (missing model columns get their "stage skipped" defaults). ``paths`` (kind ->
+    path) writes the three files elsewhere (``capfilt run --retry`` stages a shard first).
     """
     run = _as_run(run)
+    target = dict(paths or {})
     if ROW_COLUMN in rows.column_names:
         rows = rows.sort_by(ROW_COLUMN)
     else:  # rows given without input row numbers (tests, tools): their order is the row order
@@ -296,11 +299,14 @@ def write_shard(
         count = write_images_tar(hashing, rows, image_ext=image_ext)  # type: ignore[arg-type]
         return count, hashing.sha256.hexdigest()
 
-    images, images_sha = run.write_atomic(run.shard_path(IMAGES_DIR, shard), tar)
+    images, images_sha = run.write_atomic(target.get(IMAGES_DIR) or run.shard_path(IMAGES_DIR, shard), tar)
     buffer = io.BytesIO()
     pq.write_table(dataset, buffer)
     dataset_bytes = buffer.getvalue()
-    run.write_atomic(run.shard_path(DATASET_DIR, shard), lambda stream: stream.write(dataset_bytes))
+    run.write_atomic(
+        target.get(DATASET_DIR) or run.shard_path(DATASET_DIR, shard),
+        lambda stream: stream.write(dataset_bytes),
+    )
     record = {
         "rows": samples.num_rows,
         "input_fingerprint": input_fingerprint(rows),
@@ -308,7 +314,10 @@ def write_shard(
         "dataset_sha256": hashlib.sha256(dataset_bytes).hexdigest(),
     }
     samples = samples.replace_schema_metadata({SHARD_META_KEY: json.dumps(record, sort_keys=True)})
-    run.write_atomic(run.shard_path(SAMPLES_DIR, shard), lambda stream: pq.write_table(samples, stream))
+    run.write_atomic(
+        target.get(SAMPLES_DIR) or run.shard_path(SAMPLES_DIR, shard),
+        lambda stream: pq.write_table(samples, stream),
+    )
     return ShardSummary(
         shard=shard,
         rows=samples.num_rows,
