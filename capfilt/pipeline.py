@@ -340,16 +340,22 @@ def _image_size(spec: str) -> int:
 
 
 def _versions() -> dict[str, str]:
-    import ray
-    import torch
-    import transformers
+    """Library versions for the manifest, from package metadata: the driver does not import torch
+    or transformers (hundreds of MB of RSS) just to name their versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
 
     return {
         "capfilt": __version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "ray": ray.__version__,
+        "torch": installed("torch"),
+        "transformers": installed("transformers"),
+        "ray": installed("ray"),
         "pyarrow": pa.__version__,
     }
 
