@@ -184,7 +184,7 @@ def test_downloader_passes_rows_with_a_status_through_without_requesting_them(ht
         ),
         "error": np.array(["", FILTERED_ERROR, "", FILTERED_ERROR], dtype=object),
     }
-    out = Downloader(cfg=DownloadConfig(image_size=32, threads=2))(batch)
+    out = Downloader(cfg=DownloadConfig(image_size=32, threads=2, allowed_hosts=["127.0.0.1"]))(batch)
     assert list(out["status"]) == ["ok", "filtered_metadata", "ok", "filtered_metadata"]
     assert list(out["error"]) == ["", FILTERED_ERROR, "", FILTERED_ERROR]
     assert [len(b) > 0 for b in out["image"]] == [True, False, True, False]
