@@ -86,7 +86,9 @@ def resolve_model(spec: str) -> Path:
     if not is_hub_id(spec):
         base, at, _ = spec.rpartition("@")
         if at and Path(base).expanduser().exists():
-            raise UserError(f"model {spec}: a revision (@...) only applies to hub ids; {base} is a local path")
+            raise UserError(
+                f"model {spec}: a revision (@...) only applies to hub ids; {base} is a local path"
+            )
         raise UserError(f"model {spec}: no such directory (and not a Hugging Face hub id org/name)")
     from model.hf import download_from_hub, split_revision
     from model.med import CheckpointError
@@ -440,3 +442,27 @@ def abandon_actor(err: DeviceLost) -> None:
         raise err
     print(f"capfilt: device lost, ending this actor so Ray restarts it: {err}", file=sys.stderr, flush=True)
     os._exit(DEVICE_LOST_EXIT_CODE)
+
+
+def texts_to_score(
+    batch: Mapping[str, Any],
+) -> tuple[dict[str, Any], Any, Any, list[int], dict[int, bool], list[list[str]]]:
+    """What a text-scoring stage (filter, CLIP) starts from: ``(out, status, error, rows, has_web,
+    texts)``; ``rows`` are the ok rows, ``texts[j]`` the web text (when there is one) then the
+    synthetic captions of row ``rows[j]``."""
+    from capfilt.stages.select import has_text, object_array
+    from capfilt.stages.status import Status
+
+    out = dict(batch)
+    n = len(batch["status"])
+    status = object_array(list(batch["status"]))
+    error = object_array(list(batch["error"])) if "error" in batch else object_array([""] * n)
+    synthetic = batch.get("synthetic_texts")
+    rows = [i for i in range(n) if str(status[i]) == Status.ok.value]
+    has_web = {i: has_text(batch["web_text"][i]) for i in rows}
+    texts = [
+        ([str(batch["web_text"][i])] if has_web[i] else [])
+        + ([str(t) for t in synthetic[i]] if synthetic is not None and synthetic[i] is not None else [])
+        for i in rows
+    ]
+    return out, status, error, rows, has_web, texts

@@ -33,15 +33,14 @@ from typing import Any
 import numpy as np
 
 from capfilt.errors import UserError
-from capfilt.inference import DeviceLost, abandon_actor, run_chunks
+from capfilt.inference import DeviceLost, abandon_actor, run_chunks, texts_to_score
 from capfilt.stages.caption import (
     error_text,
-    is_ok,
     resolve_device,
     resolve_dtype,
     resolve_model,
 )
-from capfilt.stages.select import has_text, object_array
+from capfilt.stages.select import object_array
 from capfilt.stages.status import Status
 
 Batch = dict[str, np.ndarray]
@@ -137,18 +136,8 @@ class ClipScorer:
 
     def score(self, batch: Mapping[str, np.ndarray]) -> Batch:
         """``__call__`` without the device-loss handling (raises :class:`DeviceLost`)."""
-        out = dict(batch)
-        n = len(batch["status"])
-        status = object_array(list(batch["status"]))
-        error = object_array(list(batch["error"])) if "error" in batch else object_array([""] * n)
-        synthetic = batch.get("synthetic_texts")
-        rows = [i for i in range(n) if is_ok(status[i])]
-        has_web = {i: has_text(batch["web_text"][i]) for i in rows}
-        texts = [
-            ([str(batch["web_text"][i])] if has_web[i] else [])
-            + ([str(t) for t in synthetic[i]] if synthetic is not None and synthetic[i] is not None else [])
-            for i in rows
-        ]
+        out, status, error, rows, has_web, texts = texts_to_score(batch)
+        n = len(status)
         images = [bytes(batch["image"][i]) for i in rows]
         web_clip = np.full(n, math.nan)
         synthetic_clip: list[list[float]] = [[] for _ in range(n)]

@@ -40,9 +40,10 @@ from capfilt.inference import (
     resolve_device,
     resolve_dtype,
     run_chunks,
+    texts_to_score,
 )
 from capfilt.stages.caption import batch_pixels, is_ok, model_specs
-from capfilt.stages.select import has_text, object_array
+from capfilt.stages.select import object_array
 from capfilt.stages.status import Status
 
 Batch = dict[str, np.ndarray]
@@ -93,18 +94,8 @@ class Filter:
 
     def score(self, batch: Mapping[str, np.ndarray]) -> Batch:
         """``__call__`` without the device-loss handling (raises :class:`DeviceLost`)."""
-        out = dict(batch)
-        n = len(batch["status"])
-        status = object_array(list(batch["status"]))
-        error = object_array(list(batch["error"])) if "error" in batch else object_array([""] * n)
-        synthetic = batch.get("synthetic_texts")
-        rows = [i for i in range(n) if is_ok(status[i])]
-        has_web = {i: has_text(batch["web_text"][i]) for i in rows}
-        texts = [
-            ([batch["web_text"][i]] if has_web[i] else [])
-            + ([str(t) for t in synthetic[i]] if synthetic is not None and synthetic[i] is not None else [])
-            for i in rows
-        ]
+        out, status, error, rows, has_web, texts = texts_to_score(batch)
+        n = len(status)
         # Sums over the ensemble, divided at the end.
         itm_sum = [np.zeros(len(t)) for t in texts]
         itc_sum = [np.zeros(len(t)) for t in texts]
