@@ -348,6 +348,53 @@ def test_from_scratch_false_continues_the_previous_model(tmp_path: Path, no_faul
     assert "init: scratch" in (scratch / "round-1" / "pretrain" / "bootstrap-train.yaml").read_text()
 
 
+def test_training_steps_get_the_demo_settings_as_the_config_object_they_record(
+    tmp_path: Path, no_faults: None
+) -> None:
+    """Each training step hands the trainer a TrainingConfig object (no YAML parsed back in the
+    process); the bootstrap-train.yaml it writes is that object, and the demo's settings are
+    the embedded config's (steps, batch, lr, seeds) as before the config became an object."""
+    from dataclasses import replace
+
+    from capfilt.config import load_model
+
+    received: list[tuple[str, TrainingConfig]] = []
+
+    def recording(kind: str, cfg: TrainingConfig, resume: bool) -> Path:
+        assert isinstance(cfg, TrainingConfig)
+        received.append((kind, cfg))
+        return fake_training(kind, cfg, resume)
+
+    run = bootstrap.run_bootstrap(
+        None, SMALL, out=tmp_path / "run", progress=False, backend=replace(FAKES, train=recording)
+    )
+    assert [kind for kind, _ in received] == ["pretrain", "captioner", "filter", "pretrain"]
+    for kind, cfg in received:
+        staging = Path(cfg.output.dir)
+        target = staging.with_name(staging.name.removeprefix(".").removesuffix(".partial"))
+        assert load_model(TrainingConfig, target / "bootstrap-train.yaml") == cfg
+        assert cfg.train.batch_size == 32 and cfg.optim.lr == 1e-3 and cfg.optim.clip_grad_norm == 5.0
+        assert cfg.data.max_length == 32 and cfg.data.num_workers == 0
+        assert not cfg.data.augment.random_resized_crop and cfg.data.augment.randaugment_ops == 0
+        assert [(s.path, s.format, s.captions) for s in cfg.data.sources] == [
+            (str(staging / "data" / "pairs.parquet") if kind == "pretrain" else str(run / "corpus" / "human.parquet"),
+             "parquet", "expand")
+        ]  # fmt: skip
+    steps = [
+        (cfg.train.steps, cfg.train.seed, cfg.train.save_every, cfg.optim.warmup_steps) for _, cfg in received
+    ]
+    assert steps == [(600, 0, 200, 30), (300, 1001, 150, 20), (400, 1002, 200, 20), (600, 0, 200, 30)]
+    round0, captioner = received[0][1].model, received[1][1].model
+    assert (round0.init, round0.preset, round0.vocab_size, round0.overrides["queue_size"]) == (
+        "scratch",
+        "tiny",
+        400,
+        256,
+    )
+    assert captioner.init == str(run / "round-0" / "pretrain" / "model")
+    assert received[0][1].optim.min_lr == 1e-5 and received[1][1].optim.min_lr == 0.0
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Digests of an uninterrupted run (ablation on, so every kind of step is covered)."""
