@@ -152,10 +152,16 @@ class PipelineOutput(_Section):
 class PipelineSection(_Section):
     """Pipeline settings merged into each round's PipelineConfig (models and paths are filled in)."""
 
-    download: DownloadConfig = Field(default_factory=DownloadConfig)
-    caption: BootstrapCaption = Field(default_factory=BootstrapCaption)
-    filter: BootstrapFilter = Field(default_factory=BootstrapFilter)
-    output: PipelineOutput = Field(default_factory=PipelineOutput)
+    download: DownloadConfig = Field(
+        default_factory=DownloadConfig, description="As `capfilt run`'s; a served corpus adds 127.0.0.1."
+    )
+    caption: BootstrapCaption = Field(
+        default_factory=BootstrapCaption, description="As `capfilt run`'s, less the model (the round's)."
+    )
+    filter: BootstrapFilter = Field(
+        default_factory=BootstrapFilter, description="As `capfilt run`'s, less the model (the round's)."
+    )
+    output: PipelineOutput = Field(default_factory=PipelineOutput, description="The dir is the round's.")
     ray: RayConfig = Field(default_factory=RayConfig)
 
 

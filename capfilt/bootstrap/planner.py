@@ -1,4 +1,4 @@
-"""The round planner of ``capfilt bootstrap``: BLIP's CapFilt loop, round after round, resumable at step granularity.
+"""The round planner of ``capfilt bootstrap``: BLIP's CapFilt loop, round after round, resumable by step.
 
 ::
 
@@ -113,84 +113,36 @@ class Bootstrap:
 
     # ---- steps
     def steps(self, *, rounds: int, ablation: bool) -> list[Step]:
+        """The run's steps in order; training and pipeline steps resume, the others start over."""
         cfg = self.cfg
         steps: list[Step] = []
+
+        def add(name: str, target: Path, run: Callable[[Path, bool], None], resumable: bool = True) -> None:
+            steps.append(Step(name=name, target=target, run=run, resumable=resumable))
+
         if cfg.corpus.synthetic and not cfg.corpus.dir:
-            steps.append(Step(name="corpus", target=self.run_dir / "corpus", run=self._corpus_step))
-        steps.append(
-            Step(
-                name="round-0/pretrain",
-                target=self.round_dir(0) / "pretrain",
-                run=self._pretrain_step(0),
-                resumable=True,
-            )
-        )
-        steps.append(
-            Step(name="round-0/eval", target=self.round_dir(0) / "eval.json", run=self._eval_step(0))
-        )
+            add("corpus", self.run_dir / "corpus", self._corpus_step, resumable=False)
+        add("round-0/pretrain", self.round_dir(0) / "pretrain", self._pretrain_step(0))
+        add("round-0/eval", self.round_dir(0) / "eval.json", self._eval_step(0), resumable=False)
         for r in range(1, rounds + 1):
             rd = self.round_dir(r)
             for kind, count in (("captioner", cfg.ensemble.captioners), ("filter", cfg.ensemble.filters)):
                 for i in range(count):
                     name = self.member_name(kind, i)
-                    steps.append(
-                        Step(
-                            name=f"round-{r}/{name}",
-                            target=rd / name,
-                            run=self._finetune_step(kind, r, i),
-                            resumable=True,
-                        )
-                    )
-            steps.append(
-                Step(
-                    name=f"round-{r}/pipeline",
-                    target=rd / "pipeline",
-                    run=self._pipeline_step(r),
-                    resumable=True,
-                )
-            )
-            steps.append(
-                Step(
-                    name=f"round-{r}/pretrain",
-                    target=rd / "pretrain",
-                    run=self._pretrain_step(r),
-                    resumable=True,
-                )
-            )
-            steps.append(Step(name=f"round-{r}/eval", target=rd / "eval.json", run=self._eval_step(r)))
+                    add(f"round-{r}/{name}", rd / name, self._finetune_step(kind, r, i))
+            add(f"round-{r}/pipeline", rd / "pipeline", self._pipeline_step(r))
+            add(f"round-{r}/pretrain", rd / "pretrain", self._pretrain_step(r))
+            add(f"round-{r}/eval", rd / "eval.json", self._eval_step(r), resumable=False)
         if ablation:
             for variant in self.ablation_variants_to_train():
                 base = self.run_dir / "ablation" / variant
-                steps.append(
-                    Step(
-                        name=f"ablation/{variant}/pretrain",
-                        target=base / "pretrain",
-                        run=self._ablation_pretrain_step(variant),
-                        resumable=True,
-                    )
-                )
-                steps.append(
-                    Step(
-                        name=f"ablation/{variant}/eval",
-                        target=base / "eval.json",
-                        run=self._ablation_eval_step(variant),
-                    )
-                )
+                add(f"ablation/{variant}/pretrain", base / "pretrain", self._ablation_pretrain_step(variant))
+                add(f"ablation/{variant}/eval", base / "eval.json", self._ablation_eval_step(variant), False)
         return steps
 
     def _corpus_step(self, staging: Path, resuming: bool) -> None:
-        c = self.cfg.corpus
-        self.backend.make_corpus(
-            staging,
-            images=c.images,
-            seed=c.seed,
-            noise=c.noise,
-            size=c.size,
-            world=c.world,
-            human_images=c.human_images,
-            test_images=c.test_images,
-            progress=self.progress,
-        )
+        drawn = {"images", "human_images", "test_images", "seed", "noise", "size", "world"}
+        self.backend.make_corpus(staging, **self.cfg.corpus.model_dump(include=drawn), progress=self.progress)
 
     # ---- training
     def _train(
@@ -377,19 +329,16 @@ class Bootstrap:
         return run
 
     # ---- evaluation
-    def _evaluate_model(self, model: Path) -> dict[str, Any]:
-        e = self.cfg.eval
-        return self.backend.evaluate(
-            model,
-            self.corpus.test,
-            batch_size=e.batch_size,
-            k_test=e.k_test,
-            num_beams=e.num_beams,
-            max_length=e.max_length,
-            min_length=e.min_length,
-            prompt=e.prompt,
-            limit=e.limit,
-        )
+    def _evaluate(self, pretrain: Path) -> dict[str, Any]:
+        """The pre-trained model under ``pretrain`` on the test set, and the pairs it was trained on."""
+        import pyarrow.parquet as pq
+
+        pairs = pq.read_table(pretrain / "data" / "pairs.parquet", columns=["source"])
+        return {
+            "model": str(pretrain / "model"),
+            "data": {"pairs": pairs.num_rows, "by_source": count_sources(pairs)},
+            "eval": self.backend.evaluate(pretrain / "model", self.corpus.test, **self.cfg.eval.model_dump()),
+        }
 
     def _round_summaries(self, r: int) -> dict[str, Any]:
         """Round r's filter on the web noise labels, and what its CapFilt did (synthetic corpus only)."""
@@ -406,38 +355,28 @@ class Bootstrap:
 
     def _eval_step(self, r: int) -> Callable[[Path, bool], None]:
         def run(staging: Path, resuming: bool) -> None:
-            import pyarrow.parquet as pq
-
-            pairs = pq.read_table(
-                self.round_dir(r) / "pretrain" / "data" / "pairs.parquet", columns=["source"]
-            )
             result = {
                 "round": r,
-                "model": str(self.model_dir(r)),
-                "data": {"pairs": pairs.num_rows, "by_source": count_sources(pairs)},
-                "eval": self._evaluate_model(self.model_dir(r)),
+                **self._evaluate(self.round_dir(r) / "pretrain"),
                 **self._round_summaries(r),
             }
-            atomic_write_text(staging, json.dumps(result, indent=2, default=_json_default) + "\n")
+            _write_json(staging, result)
             # metrics.jsonl is rebuilt from every committed eval.json, so a rerun never duplicates rows.
 
         return run
 
     def _ablation_eval_step(self, variant: str) -> Callable[[Path, bool], None]:
         def run(staging: Path, resuming: bool) -> None:
-            import pyarrow.parquet as pq
-
-            base = self.run_dir / "ablation" / variant
-            pairs = pq.read_table(base / "pretrain" / "data" / "pairs.parquet", columns=["source"])
-            result = {
-                "variant": variant,
-                "model": str(base / "pretrain" / "model"),
-                "data": {"pairs": pairs.num_rows, "by_source": count_sources(pairs)},
-                "eval": self._evaluate_model(base / "pretrain" / "model"),
-            }
-            atomic_write_text(staging, json.dumps(result, indent=2, default=_json_default) + "\n")
+            _write_json(
+                staging,
+                {"variant": variant, **self._evaluate(self.run_dir / "ablation" / variant / "pretrain")},
+            )
 
         return run
+
+
+def _write_json(path: Path, result: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(result, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(value: Any) -> Any:
