@@ -116,7 +116,9 @@ class StepTraining(_Section):
                 num_workers=self.num_workers,
             ),
             optim=self.optim,
-            train=self.train.model_copy(update={"seed": seed, "progress": progress and self.train.progress}),
+            train=TrainSection.model_validate(
+                {**self.train.model_dump(), "seed": seed, "progress": progress and self.train.progress}
+            ),
             output=OutputSection(dir=str(out)),
         )
 
