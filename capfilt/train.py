@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -44,7 +44,22 @@ KINDS: dict[str, tuple[str, ...]] = {
 }
 
 
-class ModelSection(_Section):
+class ScratchModel(_Section):
+    """A model built from scratch: a MEDConfig preset and a WordPiece tokenizer trained on the data.
+
+    ``capfilt bootstrap``'s ``model`` section is this (its round-0 model); ``capfilt train``'s
+    ``model`` section extends it with the other ways to start (:class:`ModelSection`).
+    """
+
+    preset: str = Field(default="tiny", min_length=1, description="MEDConfig preset for init: scratch.")
+    vocab_size: int = Field(default=4000, ge=16, description="WordPiece vocabulary size for init: scratch.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="MEDConfig fields changed for init: scratch, e.g. {queue_size: 512}.",
+    )
+
+
+class ModelSection(ScratchModel):
     """Where the model starts."""
 
     init: str = Field(
@@ -53,14 +68,8 @@ class ModelSection(_Section):
         description="'scratch' (build model.preset, train a tokenizer on the data), or a capfilt "
         "checkpoint dir / Hugging Face BLIP dir.",
     )
-    preset: str = Field(default="tiny", min_length=1, description="MEDConfig preset for init: scratch.")
     captioner: str | None = Field(default=None, description="HF BLIP captioner dir to import (with filter).")
     filter: str | None = Field(default=None, description="HF BLIP retrieval dir to import (with captioner).")
-    vocab_size: int = Field(default=4000, ge=16, description="WordPiece vocabulary size for init: scratch.")
-    overrides: dict[str, Any] = Field(
-        default_factory=dict,
-        description="MEDConfig fields changed for init: scratch, e.g. {queue_size: 512}.",
-    )
 
     @model_validator(mode="after")
     def _one_start(self) -> ModelSection:
@@ -70,6 +79,8 @@ class ModelSection(_Section):
 
 
 class SourceSection(_Section):
+    """One data source; the validated front of :class:`model.data.SourceSpec` (same fields)."""
+
     path: str = Field(min_length=1)
     format: Literal["auto", "webdataset", "parquet", "run"] = "auto"
     weight: float = Field(default=1.0, ge=0)
@@ -77,8 +88,13 @@ class SourceSection(_Section):
         default="sample", description="Several captions per image: draw one per visit, or one item each."
     )
 
+    def spec(self) -> SourceSpec:
+        return SourceSpec(**self.model_dump())
+
 
 class AugmentSection(_Section):
+    """The validated front of :class:`model.data.AugmentConfig` (its fields but ``ratio``)."""
+
     random_resized_crop: bool = True
     scale: tuple[float, float] = (0.5, 1.0)
     randaugment_ops: int = Field(default=2, ge=0)
@@ -92,16 +108,25 @@ class AugmentSection(_Section):
             raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {list(self.scale)}")
         return self
 
+    def config(self) -> AugmentConfig:
+        return AugmentConfig(**self.model_dump())
+
+
+TokenLimit = Annotated[int, Field(ge=4, description="Token limit per text (prompt included).")]
+"""``data.max_length`` here and each bootstrap step's ``max_length``."""
+LoaderWorkers = Annotated[int, Field(ge=0, description="DataLoader worker processes (0: in the trainer).")]
+"""``data.num_workers`` here and each bootstrap step's ``num_workers``."""
+
 
 class DataSection(_Section):
     sources: list[SourceSection] = Field(min_length=1)
     image_size: int | None = Field(default=None, ge=8, description="None: the model's image_size.")
     augment: AugmentSection = Field(default_factory=AugmentSection)
-    max_length: int = Field(default=35, ge=4, description="Token limit per text (prompt included).")
+    max_length: TokenLimit = 35
     prompt: str | None = Field(
         default=None, description="None: the model's prompt for captioner, none otherwise."
     )
-    num_workers: int = Field(default=2, ge=0)
+    num_workers: LoaderWorkers = 2
 
 
 class OptimSection(_Section):
@@ -122,6 +147,8 @@ class OptimSection(_Section):
 
 
 class TrainSection(_Section):
+    """With :class:`OptimSection`, the validated front of :class:`model.train.TrainConfig`."""
+
     steps: int = Field(default=1000, ge=1)
     batch_size: int = Field(
         default=32, ge=1, description="Per process; the ITC queue must divide by the global batch."
@@ -153,19 +180,24 @@ class TrainingConfig(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     output: OutputSection
 
+    def trainer_config(self, kind: str) -> TrainConfig:
+        """The trainer's config: ``optim`` and ``train`` as they are (``alpha_ramp_steps`` is the loss's)."""
+        return TrainConfig(
+            **self.optim.model_dump(),
+            **self.train.model_dump(exclude={"alpha_ramp_steps"}),
+            out_dir=Path(self.output.dir),
+            ddp_find_unused_parameters=kind != "pretrain",  # LM-only / ITC+ITM steps leave heads unused
+        )
 
-def _load_sources(data: DataSection) -> list[Source]:
+
+def _load_sources(specs: list[SourceSpec]) -> list[Source]:
     sources = []
-    for i, spec in enumerate(data.sources):
+    for i, spec in enumerate(specs):
         try:
-            sources.append(
-                load_source(
-                    SourceSpec(path=spec.path, format=spec.format, weight=spec.weight, captions=spec.captions)
-                )
-            )
+            sources.append(load_source(spec))
         except (FileNotFoundError, ValueError, OSError) as err:
             raise UserError(f"data.sources[{i}].path: {err}") from None
-    if sum(spec.weight for spec in data.sources) <= 0:
+    if sum(spec.weight for spec in specs) <= 0:
         raise UserError("data.sources: at least one source needs a weight > 0")
     return sources
 
@@ -230,6 +262,12 @@ def _steps_per_epoch(
     return max(1, math.ceil(items / (train.batch_size * optim.grad_accum * world_size)))
 
 
+def _losses(kind: str) -> tuple[str, ...]:
+    if kind not in KINDS:
+        raise UserError(f"unknown training kind {kind!r}; choose one of {', '.join(KINDS)}")
+    return KINDS[kind]
+
+
 def run_training(
     kind: str, config_path: str | Path, overrides: list[str] | tuple[str, ...] = (), resume: bool = False
 ) -> Path:
@@ -239,10 +277,16 @@ def run_training(
     bad config, an unknown ``--set`` key, a missing data path, a model that cannot be loaded, or an
     output directory holding checkpoints when ``resume`` is False.
     """
-    if kind not in KINDS:
-        raise UserError(f"unknown training kind {kind!r}; choose one of {', '.join(KINDS)}")
-    losses = KINDS[kind]
-    cfg = load_model(TrainingConfig, config_path, list(overrides))
+    _losses(kind)
+    return train_model(kind, load_model(TrainingConfig, config_path, list(overrides)), resume=resume)
+
+
+def train_model(kind: str, cfg: TrainingConfig, *, resume: bool = False) -> Path:
+    """Train a MED as ``kind`` from an already validated config (``capfilt bootstrap`` builds one).
+
+    The same checks and :class:`UserError` as :func:`run_training`, less the YAML parsing.
+    """
+    losses = _losses(kind)
     out_dir = Path(cfg.output.dir)
     existing = list_checkpoints(out_dir)
     if existing and not resume:
@@ -250,7 +294,8 @@ def run_training(
             f"output.dir: {out_dir} already holds checkpoints; pass --resume or choose another dir"
         )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    sources = _load_sources(cfg.data)
+    specs = [source.spec() for source in cfg.data.sources]
+    sources = _load_sources(specs)
     med, tokenizer = _build_model(cfg, sources, existing[-1] if existing else None)
 
     image_size = cfg.data.image_size or med.config.image_size
@@ -275,15 +320,12 @@ def run_training(
         else (med.config.prompt if kind == "captioner" else None)
     )
     data_config = DataConfig(
-        sources=[
-            SourceSpec(path=s.path, format=s.format, weight=s.weight, captions=s.captions)
-            for s in cfg.data.sources
-        ],
+        sources=specs,
         batch_size=cfg.train.batch_size,
         image_size=image_size,
         max_length=cfg.data.max_length,
         prompt=prompt,
-        augment=AugmentConfig(**cfg.data.augment.model_dump()),
+        augment=cfg.data.augment.config(),
         train=True,
         num_workers=cfg.data.num_workers,
         seed=cfg.train.seed,
@@ -311,29 +353,12 @@ def run_training(
     def save_model_fn(model: torch.nn.Module, directory: Path) -> None:
         model.save(directory, tokenizer=tokenizer)
 
-    train_config = TrainConfig(
-        steps=cfg.train.steps,
-        out_dir=out_dir,
-        batch_size=cfg.train.batch_size,
-        lr=cfg.optim.lr,
-        min_lr=cfg.optim.min_lr,
-        weight_decay=cfg.optim.weight_decay,
-        betas=cfg.optim.betas,
-        warmup_steps=cfg.optim.warmup_steps,
-        schedule=cfg.optim.schedule,
-        grad_accum=cfg.optim.grad_accum,
-        clip_grad_norm=cfg.optim.clip_grad_norm,
-        precision=cfg.train.precision,
-        seed=cfg.train.seed,
-        deterministic=cfg.train.deterministic,
-        save_every=cfg.train.save_every,
-        keep_last=cfg.train.keep_last,
-        log_every=cfg.train.log_every,
-        progress=cfg.train.progress,
-        ddp_find_unused_parameters=kind != "pretrain",  # LM-only / ITC+ITM steps leave heads unused
-    )
     trainer = Trainer(
-        model=med, loader_fn=loader_fn, config=train_config, step_fn=step_fn, save_model_fn=save_model_fn
+        model=med,
+        loader_fn=loader_fn,
+        config=cfg.trainer_config(kind),
+        step_fn=step_fn,
+        save_model_fn=save_model_fn,
     )
     if trainer.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

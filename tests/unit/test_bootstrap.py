@@ -6,8 +6,9 @@ an uninterrupted one" is checked by comparing file digests. The real corpus gene
 is fast at this size) and the fake pipeline commits shards with the real shard writer, so the
 data assembly (D_r, the ablation variants) runs on real pipeline output formats.
 
-Run as a script (``python tests/unit/test_bootstrap.py OUT``), this file runs a bootstrap with
-the fakes installed: the kill -9 test does that in a subprocess.
+The fakes are passed in as a :class:`capfilt.bootstrap.Backend` (``FAKES``), the way any caller
+swaps the heavy work; nothing is patched. Run as a script (``python tests/unit/test_bootstrap.py
+OUT``), this file runs a bootstrap with the fakes: the kill -9 test does that in a subprocess.
 """
 
 from __future__ import annotations
@@ -26,8 +27,17 @@ from urllib.parse import urlsplit
 import pytest
 
 from capfilt import bootstrap
-from capfilt.bootstrap import FAIL_AFTER_ENV, FAIL_DURING_ENV, InjectedFault, State, Step, run_steps
+from capfilt.bootstrap import (
+    FAIL_AFTER_ENV,
+    FAIL_DURING_ENV,
+    Backend,
+    InjectedFault,
+    State,
+    Step,
+    run_steps,
+)
 from capfilt.errors import UserError
+from capfilt.train import TrainingConfig
 
 SMALL = [
     "corpus.images=24", "corpus.human_images=6", "corpus.test_images=4", "corpus.size=32",
@@ -47,21 +57,18 @@ def _delay() -> None:
     time.sleep(float(os.environ.get(STEP_DELAY_ENV, "0")))
 
 
-def fake_training(kind: str, config_path: Path, overrides: Any = (), resume: bool = False) -> Path:
+def fake_training(kind: str, cfg: TrainingConfig, resume: bool) -> Path:
     """Writes checkpoints/ then model/ (and hf/), content = digest of data files + init."""
-    import yaml
-
-    cfg = yaml.safe_load(Path(config_path).read_text())
-    out = Path(cfg["output"]["dir"])
+    out = Path(cfg.output.dir)
     checkpoints = out / "checkpoints"
     if checkpoints.exists() and not resume:
         raise UserError(f"output.dir: {out} already holds checkpoints")
-    data = [hashlib.sha256(Path(s["path"]).read_bytes()).hexdigest() for s in cfg["data"]["sources"]]
-    init = cfg["model"]["init"]
+    data = [hashlib.sha256(Path(s.path).read_bytes()).hexdigest() for s in cfg.data.sources]
+    init = cfg.model.init
     init_digest = init if init == "scratch" else (Path(init) / "weights.txt").read_text()
     (checkpoints / "step_00000001").mkdir(parents=True, exist_ok=True)
     _delay()
-    weights = _digest(kind, data, init_digest, cfg["train"]["steps"], cfg["train"]["seed"])
+    weights = _digest(kind, data, init_digest, cfg.train.steps, cfg.train.seed)
     for sub in ["model"] + (["hf"] if kind != "pretrain" else []):
         (out / sub).mkdir(parents=True, exist_ok=True)
         (out / sub / "weights.txt").write_text(weights)
@@ -121,14 +128,10 @@ def fake_evaluate(model_path: Path, data_path: Path, **kwargs: Any) -> dict[str,
     }
 
 
-def install_fakes(target: Any) -> None:
-    """Replace the heavy work in ``capfilt.bootstrap`` (``target``: a monkeypatch or the module)."""
-    fakes = {"run_training": fake_training, "run_pipeline": fake_pipeline, "evaluate": fake_evaluate}
-    for name, fake in fakes.items():
-        if hasattr(target, "setattr"):
-            target.setattr(bootstrap, name, fake)
-        else:
-            setattr(target, name, fake)
+FAKES = Backend(
+    train=fake_training, run_pipeline=fake_pipeline, evaluate=fake_evaluate, build_report=lambda run: None
+)
+"""The real corpus generator and loopback server; fake training, pipeline and evaluation; no report."""
 
 
 def artifact_digests(run_dir: Path) -> dict[str, str]:
@@ -147,15 +150,15 @@ def artifact_digests(run_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def fakes(monkeypatch: pytest.MonkeyPatch) -> None:
-    install_fakes(monkeypatch)
-    monkeypatch.setattr(bootstrap, "_build_report", lambda run_dir: None)
+def no_faults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No fault injection left over from the environment (the tests set it where they mean to)."""
     monkeypatch.delenv(FAIL_AFTER_ENV, raising=False)
     monkeypatch.delenv(FAIL_DURING_ENV, raising=False)
 
 
 def _run(out: Path, *extra: str, **kwargs: Any) -> Path:
-    return bootstrap.run_bootstrap(None, [*SMALL, *extra], out=out, progress=False, **kwargs)
+    """A bootstrap on the small corpus with the fake backend."""
+    return bootstrap.run_bootstrap(None, [*SMALL, *extra], out=out, progress=False, backend=FAKES, **kwargs)
 
 
 # --------------------------------------------------------------------------- run_steps
@@ -296,7 +299,7 @@ def test_round_pipeline_config_uses_the_rounds_models(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- whole runs with fakes
 
 
-def test_full_run_artifacts_metrics_and_noop_rerun(tmp_path: Path, fakes: None) -> None:
+def test_full_run_artifacts_metrics_and_noop_rerun(tmp_path: Path, no_faults: None) -> None:
     run = _run(tmp_path / "run", "rounds=2")
     for r in (1, 2):
         for sub in (
@@ -324,7 +327,7 @@ def test_full_run_artifacts_metrics_and_noop_rerun(tmp_path: Path, fakes: None) 
     assert artifact_digests(run) == before and (run / "state.json").read_text() == state_before
 
 
-def test_more_rounds_extends_a_run_and_a_changed_config_is_refused(tmp_path: Path, fakes: None) -> None:
+def test_more_rounds_extends_a_run_and_a_changed_config_is_refused(tmp_path: Path, no_faults: None) -> None:
     run = _run(tmp_path / "run")
     first = artifact_digests(run)
     _run(tmp_path / "run", rounds=2)
@@ -337,7 +340,7 @@ def test_more_rounds_extends_a_run_and_a_changed_config_is_refused(tmp_path: Pat
         _run(tmp_path / "run", "pretrain.train.steps=99")
 
 
-def test_from_scratch_false_continues_the_previous_model(tmp_path: Path, fakes: None) -> None:
+def test_from_scratch_false_continues_the_previous_model(tmp_path: Path, no_faults: None) -> None:
     run = _run(tmp_path / "run", "from_scratch=false")
     train_cfg = (run / "round-1" / "pretrain" / "bootstrap-train.yaml").read_text()
     assert str(run / "round-0" / "pretrain" / "model") in train_cfg
@@ -345,12 +348,57 @@ def test_from_scratch_false_continues_the_previous_model(tmp_path: Path, fakes: 
     assert "init: scratch" in (scratch / "round-1" / "pretrain" / "bootstrap-train.yaml").read_text()
 
 
+def test_training_steps_get_the_demo_settings_as_the_config_object_they_record(
+    tmp_path: Path, no_faults: None
+) -> None:
+    """Each training step hands the trainer a TrainingConfig object (no YAML parsed back in the
+    process); the bootstrap-train.yaml it writes is that object, and the demo's settings are
+    the embedded config's (steps, batch, lr, seeds) as before the config became an object."""
+    from dataclasses import replace
+
+    from capfilt.config import load_model
+
+    received: list[tuple[str, TrainingConfig]] = []
+
+    def recording(kind: str, cfg: TrainingConfig, resume: bool) -> Path:
+        assert isinstance(cfg, TrainingConfig)
+        received.append((kind, cfg))
+        return fake_training(kind, cfg, resume)
+
+    run = bootstrap.run_bootstrap(
+        None, SMALL, out=tmp_path / "run", progress=False, backend=replace(FAKES, train=recording)
+    )
+    assert [kind for kind, _ in received] == ["pretrain", "captioner", "filter", "pretrain"]
+    for kind, cfg in received:
+        staging = Path(cfg.output.dir)
+        target = staging.with_name(staging.name.removeprefix(".").removesuffix(".partial"))
+        assert load_model(TrainingConfig, target / "bootstrap-train.yaml") == cfg
+        assert cfg.train.batch_size == 32 and cfg.optim.lr == 1e-3 and cfg.optim.clip_grad_norm == 5.0
+        assert cfg.data.max_length == 32 and cfg.data.num_workers == 0
+        assert not cfg.data.augment.random_resized_crop and cfg.data.augment.randaugment_ops == 0
+        assert [(s.path, s.format, s.captions) for s in cfg.data.sources] == [
+            (str(staging / "data" / "pairs.parquet") if kind == "pretrain" else str(run / "corpus" / "human.parquet"),
+             "parquet", "expand")
+        ]  # fmt: skip
+    steps = [
+        (cfg.train.steps, cfg.train.seed, cfg.train.save_every, cfg.optim.warmup_steps) for _, cfg in received
+    ]
+    assert steps == [(600, 0, 200, 30), (300, 1001, 150, 20), (400, 1002, 200, 20), (600, 0, 200, 30)]
+    round0, captioner = received[0][1].model, received[1][1].model
+    assert (round0.init, round0.preset, round0.vocab_size, round0.overrides["queue_size"]) == (
+        "scratch",
+        "tiny",
+        400,
+        256,
+    )
+    assert captioner.init == str(run / "round-0" / "pretrain" / "model")
+    assert received[0][1].optim.min_lr == 1e-5 and received[1][1].optim.min_lr == 0.0
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Digests of an uninterrupted run (ablation on, so every kind of step is covered)."""
     with pytest.MonkeyPatch.context() as mp:
-        install_fakes(mp)
-        mp.setattr(bootstrap, "_build_report", lambda run_dir: None)
         mp.delenv(FAIL_AFTER_ENV, raising=False)
         mp.delenv(FAIL_DURING_ENV, raising=False)
         run = _run(tmp_path_factory.mktemp("ref") / "run", ablation=True)
@@ -373,7 +421,7 @@ STEPS = [
 
 @pytest.mark.parametrize("variable", [FAIL_AFTER_ENV, FAIL_DURING_ENV])
 def test_crash_at_every_step_boundary_then_rerun_gives_the_same_artifacts(
-    tmp_path: Path, fakes: None, monkeypatch: pytest.MonkeyPatch, reference: dict[str, str], variable: str
+    tmp_path: Path, no_faults: None, monkeypatch: pytest.MonkeyPatch, reference: dict[str, str], variable: str
 ) -> None:
     run = tmp_path / "run"
     for step in STEPS:  # crash at each step in turn, on one run directory
@@ -389,7 +437,7 @@ def test_crash_at_every_step_boundary_then_rerun_gives_the_same_artifacts(
     assert {"txt_r1", "img_r1", "cider", "pairs"} <= set(table[0])
 
 
-def test_ablation_raw_row_is_med0_when_round0_trains_on_raw_web(tmp_path: Path, fakes: None) -> None:
+def test_ablation_raw_row_is_med0_when_round0_trains_on_raw_web(tmp_path: Path, no_faults: None) -> None:
     """MED_0 (scratch, human + raw web, the same pretrain settings) is the raw row: not trained twice."""
     import pyarrow.parquet as pq
 
@@ -411,7 +459,7 @@ def test_ablation_raw_row_is_med0_when_round0_trains_on_raw_web(tmp_path: Path, 
         assert (other / "ablation" / "raw" / "eval.json").is_file()
 
 
-def test_ablation_variants_differ_only_in_selection(tmp_path: Path, fakes: None) -> None:
+def test_ablation_variants_differ_only_in_selection(tmp_path: Path, no_faults: None) -> None:
     import pyarrow.parquet as pq
 
     run = _run(tmp_path / "run", "pretrain.round0_web=false", ablation=True)
@@ -435,7 +483,7 @@ def test_ablation_variants_differ_only_in_selection(tmp_path: Path, fakes: None)
 
 
 def test_kill_9_mid_step_then_rerun_gives_the_same_artifacts(
-    tmp_path: Path, fakes: None, reference: dict[str, str]
+    tmp_path: Path, no_faults: None, reference: dict[str, str]
 ) -> None:
     run = tmp_path / "run"
     env = {**os.environ, STEP_DELAY_ENV: "0.4"}
@@ -459,8 +507,6 @@ def test_kill_9_mid_step_then_rerun_gives_the_same_artifacts(
 
 
 if __name__ == "__main__":  # the kill -9 test's subprocess
-    install_fakes(bootstrap)
-    bootstrap._build_report = lambda run_dir: None  # type: ignore[assignment]
     _run(Path(sys.argv[1]), ablation=True)
 
 

@@ -47,8 +47,17 @@ def toy_loader(*, start: int, rank: int, world_size: int, batch_size: int = 16):
 def make_trainer(tmp: Path, **overrides) -> Trainer:
     torch.manual_seed(0)
     model = ToyModel()
-    settings = dict(steps=20, out_dir=tmp, lr=1e-2, warmup_steps=3, save_every=5, log_every=1,
-                    deterministic=True, progress=False, seed=3)
+    settings = dict(
+        steps=20,
+        out_dir=tmp,
+        lr=1e-2,
+        warmup_steps=3,
+        save_every=5,
+        log_every=1,
+        deterministic=True,
+        progress=False,
+        seed=3,
+    )
     settings.update(overrides)
     return Trainer(model=model, loader_fn=toy_loader, config=TrainConfig(**settings))
 
@@ -109,7 +118,9 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     second.fit(resume=True)
     assert second.step == 10
     assert not torch.are_deterministic_algorithms_enabled()  # restored after fit
-    for (name, a), (_, b) in zip(whole.module.state_dict().items(), second.module.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        whole.module.state_dict().items(), second.module.state_dict().items(), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     # The optimizer moments continued as well.
     sa, sb = whole.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
@@ -139,13 +150,19 @@ def test_checkpoint_reload_equals_and_is_pickle_free(tmp_path: Path) -> None:
     assert [c.name for c in checkpoints] == ["step_00000004", "step_00000006"]  # keep_last
     latest = checkpoints[-1]
     assert sorted(p.name for p in latest.iterdir()) == [
-        "model.safetensors", "optimizer.safetensors", "rng-rank0.json", "rng-rank0.safetensors", "trainer.json"
+        "model.safetensors",
+        "optimizer.safetensors",
+        "rng-rank0.json",
+        "rng-rank0.safetensors",
+        "trainer.json",
     ]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
     fresh = make_trainer(tmp_path, steps=6)
     fresh.load_checkpoint(latest)
     assert fresh.step == 6
-    for (name, a), (_, b) in zip(trainer.module.state_dict().items(), fresh.module.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        trainer.module.state_dict().items(), fresh.module.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
     weights = load_file(str(latest / "model.safetensors"))
     assert set(weights) == set(trainer.module.state_dict())
@@ -158,6 +175,7 @@ def test_model_with_own_save_and_resume_with_nothing_to_do(tmp_path: Path) -> No
         def save(self, directory: Path) -> None:
             calls.append(directory)
             from safetensors.torch import save_model
+
             save_model(self, str(Path(directory) / "model.safetensors"))
             (Path(directory) / "med_config.json").write_text("{}")
 
@@ -193,9 +211,11 @@ def test_custom_step_fn_and_empty_loader(tmp_path: Path) -> None:
 
 # ---- capfilt train: config handling and the real MED end to end ---------------------------------
 
-MICRO_MED = ("{queue_size: 16, image_size: 16, patch_size: 8, vision_width: 32, vision_heads: 2, "
-             "vision_intermediate: 64, vision_layers: 1, text_width: 32, text_heads: 2, text_intermediate: 64, "
-             "text_layers: 1, embed_dim: 16, max_position_embeddings: 32}")
+MICRO_MED = (
+    "{queue_size: 16, image_size: 16, patch_size: 8, vision_width: 32, vision_heads: 2, "
+    "vision_intermediate: 64, vision_layers: 1, text_width: 32, text_heads: 2, text_intermediate: 64, "
+    "text_layers: 1, embed_dim: 16, max_position_embeddings: 32}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +277,41 @@ def test_training_config_errors_are_one_line_user_errors(tmp_path: Path, corpus:
     assert "model.init" in str(info.value) and "\n" not in str(info.value)
 
 
+def test_sections_build_the_trainer_and_loader_configs_field_for_field(tmp_path: Path) -> None:
+    """capfilt's pydantic sections are the validated front of model/'s dataclasses: same field names,
+    so each dataclass is built once from its section, and a field added on one side only fails here."""
+    from dataclasses import fields
+
+    from capfilt.config import load_model
+    from capfilt.train import AugmentSection, OptimSection, SourceSection, TrainingConfig, TrainSection
+    from model.data import AugmentConfig, SourceSpec
+
+    trainer_fields = {f.name for f in fields(TrainConfig)}
+    section_fields = set(OptimSection.model_fields) | set(TrainSection.model_fields) - {"alpha_ramp_steps"}
+    assert section_fields == trainer_fields - {"out_dir", "eps", "ddp_find_unused_parameters"}
+    assert set(AugmentSection.model_fields) == {f.name for f in fields(AugmentConfig)} - {"ratio"}
+    assert set(SourceSection.model_fields) == {f.name for f in fields(SourceSpec)}
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "data: {sources: [{path: a.parquet, weight: 2, captions: expand}], augment: {scale: [0.3, 0.9]}}\n"
+        "optim: {lr: 0.002, min_lr: 0.001, betas: [0.8, 0.9], warmup_steps: 3, schedule: constant,"
+        " grad_accum: 2, clip_grad_norm: 1.5, weight_decay: 0.1}\n"
+        "train: {steps: 7, batch_size: 4, seed: 9, save_every: 3, keep_last: 1, log_every: 2, progress: false,"
+        " deterministic: true, alpha_ramp_steps: 5}\n"
+        f"output: {{dir: {tmp_path / 'out'}}}\n"
+    )
+    cfg = load_model(TrainingConfig, config)
+    trainer = cfg.trainer_config("captioner")
+    for name in section_fields:
+        section = cfg.optim if name in OptimSection.model_fields else cfg.train
+        assert getattr(trainer, name) == getattr(section, name), name
+    assert trainer.out_dir == tmp_path / "out" and trainer.ddp_find_unused_parameters
+    assert not cfg.trainer_config("pretrain").ddp_find_unused_parameters
+    assert cfg.data.augment.config() == AugmentConfig(scale=(0.3, 0.9))
+    assert cfg.data.sources[0].spec() == SourceSpec(path="a.parquet", weight=2.0, captions="expand")
+
+
 def test_pretrain_resume_equals_uninterrupted_then_finetune(tmp_path: Path, corpus: Path) -> None:
     """The acceptance test on the real MED (queues, momentum encoders, hard-negative sampling)."""
     from safetensors.torch import load_file
@@ -279,7 +334,10 @@ def test_pretrain_resume_equals_uninterrupted_then_finetune(tmp_path: Path, corp
     shutil.rmtree(split / "checkpoints" / "step_00000004")
     shutil.rmtree(split / "model")
     run_training("pretrain", split_config, resume=True)
-    a, b = load_file(str(whole / "model" / "model.safetensors")), load_file(str(split / "model" / "model.safetensors"))
+    a, b = (
+        load_file(str(whole / "model" / "model.safetensors")),
+        load_file(str(split / "model" / "model.safetensors")),
+    )
     assert set(a) == set(b)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
@@ -287,8 +345,11 @@ def test_pretrain_resume_equals_uninterrupted_then_finetune(tmp_path: Path, corp
 
     # Fine-tune both halves from the pre-trained checkpoint; each exports HF BLIP format.
     for kind, expected in (("captioner", {"loss_lm"}), ("filter", {"loss_itc", "loss_itm"})):
-        out = run_training(kind, write_config(tmp_path / f"{kind}.yaml", corpus, tmp_path / kind),
-                           [f"model.init={whole / 'model'}", "train.steps=2"])
+        out = run_training(
+            kind,
+            write_config(tmp_path / f"{kind}.yaml", corpus, tmp_path / kind),
+            [f"model.init={whole / 'model'}", "train.steps=2"],
+        )
         metrics = read_metrics(out)
         assert {k for k in metrics[-1] if k.startswith("loss_")} == expected
         assert (out / "hf" / "config.json").is_file()
@@ -301,8 +362,9 @@ def _ddp_worker(rank: int, out_dir: str, port: int) -> None:
 
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     try:
         seen: list[float] = []
@@ -312,8 +374,12 @@ def _ddp_worker(rank: int, out_dir: str, port: int) -> None:
             return model(**batch)
 
         torch.manual_seed(0)
-        trainer = Trainer(model=ToyModel(), loader_fn=toy_loader, step_fn=step_fn,
-                          config=TrainConfig(steps=3, out_dir=out_dir, save_every=3, progress=False, lr=1e-2))
+        trainer = Trainer(
+            model=ToyModel(),
+            loader_fn=toy_loader,
+            step_fn=step_fn,
+            config=TrainConfig(steps=3, out_dir=out_dir, save_every=3, progress=False, lr=1e-2),
+        )
         trainer.fit()
         flat = torch.cat([p.detach().flatten() for p in trainer.module.parameters()])
         torch.save({"weights": flat, "seen": seen}, f"{out_dir}/rank{rank}.pt")
@@ -344,8 +410,11 @@ def test_real_med_captioner_loss_falls(tmp_path: Path, corpus: Path) -> None:
     from capfilt.train import run_training
 
     config = write_config(tmp_path / "c.yaml", corpus, tmp_path / "cap")
-    out = run_training("captioner", config, ["train.steps=30", "train.save_every=30", "optim.lr=0.003",
-                                             "train.deterministic=false"])
+    out = run_training(
+        "captioner",
+        config,
+        ["train.steps=30", "train.save_every=30", "optim.lr=0.003", "train.deterministic=false"],
+    )
     losses = [r["loss_lm"] for r in read_metrics(out)]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5  # 4.1 -> 2.3 here; smoothing floors it

@@ -1,0 +1,133 @@
+"""The pre-training pairs of a bootstrap: human pairs, raw web pairs, the pairs a round selected.
+
+A pairs table has the columns :data:`PAIRS_SCHEMA_NAMES`: ``key``, ``image`` (bytes),
+``captions`` (a list: a human image has several, a web or synthetic pair one) and ``source``
+(``human``, ``web`` or ``synthetic``). :func:`write_pairs` writes one in a seeded random order.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+PAIRS_SCHEMA_NAMES = ("key", "image", "captions", "source")
+
+
+def _pairs_table(keys: list[str], images: list[bytes], captions: list[list[str]], sources: list[str]) -> Any:
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "key": pa.array(keys, type=pa.string()),
+            "image": pa.array(images, type=pa.binary()),
+            "captions": pa.array(captions, type=pa.list_(pa.string())),
+            "source": pa.array(sources, type=pa.string()),
+        }
+    )
+
+
+def human_pairs(path: Path) -> Any:
+    """Human rows (image + all reference captions), source ``human``."""
+    import pyarrow.parquet as pq
+
+    has_key = "key" in pq.read_schema(path).names
+    data = pq.read_table(path, columns=(["key"] if has_key else []) + ["image", "captions"]).to_pydict()
+    keys = [str(k) for k in data["key"]] if has_key else [f"human-{i}" for i in range(len(data["image"]))]
+    captions = [[c for c in (caps or []) if c and c.strip()] for caps in data["captions"]]
+    return _pairs_table(keys, data["image"], captions, ["human"] * len(keys))
+
+
+def web_pairs(path: Path) -> Any:
+    """Raw web rows (image + web text, unfiltered), source ``web``."""
+    import pyarrow.parquet as pq
+
+    data = pq.read_table(path, columns=["key", "image", "text"]).to_pydict()
+    rows = [
+        (k, i, t) for k, i, t in zip(data["key"], data["image"], data["text"], strict=True) if t and t.strip()
+    ]
+    return _pairs_table(
+        [str(r[0]) for r in rows], [r[1] for r in rows], [[r[2]] for r in rows], ["web"] * len(rows)
+    )
+
+
+def _tar_images(path: Path) -> dict[str, bytes]:
+    """``key -> image bytes`` of one webdataset shard (json sidecars skipped)."""
+    images: dict[str, bytes] = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and not member.name.endswith(".json"):
+                handle = tar.extractfile(member)
+                if handle is not None:
+                    images[member.name.rsplit(".", 1)[0]] = handle.read()
+    return images
+
+
+def selected_pairs(
+    pipeline_dir: Path, *, threshold: float | None, keep_web: bool, keep_synthetic: int
+) -> Any:
+    """Pairs a selection rule keeps from a pipeline run's samples, with their downloaded images.
+
+    One row per kept text (a web text and a synthetic caption of the same image are two rows,
+    as they are two pairs in BLIP's D); the rule is :func:`capfilt.stages.select.select_table`.
+    """
+    import pyarrow.parquet as pq
+
+    from capfilt.stages import write as writer
+    from capfilt.stages.select import select_table
+
+    keys: list[str] = []
+    images: list[bytes] = []
+    captions: list[list[str]] = []
+    sources: list[str] = []
+    for shard in sorted(writer.committed_shards(pipeline_dir)):
+        samples = select_table(
+            pq.read_table(writer.samples_path(pipeline_dir, shard)),
+            threshold=threshold, keep_web=keep_web, keep_synthetic=keep_synthetic,
+        )  # fmt: skip
+        tar = writer.images_path(pipeline_dir, shard)
+        shard_images = _tar_images(tar) if tar.is_file() else {}
+        for row in samples.select(
+            ["key", "web_text", "web_kept", "synthetic_texts", "synthetic_kept"]
+        ).to_pylist():
+            texts = [(row["web_text"], "web")] if row["web_kept"] else []
+            pairs = zip(row["synthetic_texts"] or [], row["synthetic_kept"] or [], strict=True)
+            texts += [(text, "synthetic") for text, kept in pairs if kept]
+            if not texts:
+                continue
+            image = shard_images.get(row["key"])
+            if image is None:
+                raise RuntimeError(f"{tar}: no image for kept sample {row['key']!r}")
+            for text, source in texts:
+                keys.append(row["key"])
+                images.append(image)
+                captions.append([text])
+                sources.append(source)
+    return _pairs_table(keys, images, captions, sources)
+
+
+def write_pairs(table: Any, path: Path, *, seed: int) -> None:
+    """A pre-training pairs table, rows in a seeded random order, written atomically.
+
+    The loader shuffles row groups, then rows inside a row group (reads stay local at scale), so a
+    table written source by source (all human captions, then the web pairs) would give batches of
+    one source, and human captions written image by image would put ~13 images x 5 captions in a
+    batch of 64. Shuffling once here makes every row group, and so every batch, a random mix.
+    """
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    order = np.random.default_rng(seed).permutation(table.num_rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table.take(order), tmp, row_group_size=512)
+    os.replace(tmp, path)
+
+
+def count_sources(table: Any) -> dict[str, int]:
+    """Rows per ``source``, sorted by source."""
+    counts: dict[str, int] = {}
+    for source in table.column("source").to_pylist():
+        counts[source] = counts.get(source, 0) + 1
+    return dict(sorted(counts.items()))
