@@ -447,10 +447,16 @@ class TextSelfAttention(nn.Module):
         )
 
 
-class TextSelfOutput(nn.Module):
-    def __init__(self, *, config: MEDConfig) -> None:
+class TextOutput(nn.Module):
+    """BERT's post-norm residual: ``LayerNorm(dense(x) + residual)``, from ``in_width`` to text width.
+
+    After attention (``in_width`` = text width, HF's ``BertSelfOutput``) and after the FFN
+    (``in_width`` = ``text_intermediate``, HF's ``BertOutput``); module names follow HF.
+    """
+
+    def __init__(self, *, config: MEDConfig, in_width: int) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.text_width, config.text_width)
+        self.dense = nn.Linear(in_width, config.text_width)
         self.LayerNorm = nn.LayerNorm(config.text_width, eps=config.text_eps)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
@@ -463,7 +469,7 @@ class TextAttention(nn.Module):
     def __init__(self, *, config: MEDConfig, kv_width: int) -> None:
         super().__init__()
         self.self = TextSelfAttention(config=config, kv_width=kv_width)
-        self.output = TextSelfOutput(config=config)
+        self.output = TextOutput(config=config, in_width=config.text_width)
 
     def forward(
         self,
@@ -487,16 +493,6 @@ class TextIntermediate(nn.Module):
         return F.gelu(self.dense(x))
 
 
-class TextOutput(nn.Module):
-    def __init__(self, *, config: MEDConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(config.text_intermediate, config.text_width)
-        self.LayerNorm = nn.LayerNorm(config.text_width, eps=config.text_eps)
-
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
-
-
 class TextLayer(nn.Module):
     """Self-attention, then cross-attention to the image (skipped when unimodal), then FFN.
 
@@ -510,7 +506,7 @@ class TextLayer(nn.Module):
         if shared is None:
             self.crossattention = TextAttention(config=config, kv_width=config.vision_width)
             self.intermediate = TextIntermediate(config=config)
-            self.output = TextOutput(config=config)
+            self.output = TextOutput(config=config, in_width=config.text_intermediate)
         else:
             self.crossattention = shared.crossattention
             self.intermediate = shared.intermediate

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support import randomise, tiny_blip_config
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
 from model.hf import (
@@ -25,10 +26,11 @@ from model.hf import (
     load_any,
 )
 from model.med import MED, CheckpointError, MEDConfig, parameter_counts
-from model.tokenizer import special_ids, train_tokenizer
+from model.tokenizer import train_tokenizer
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 ATOL = 1e-4
+VARIANT = "cross"  # image width 48 != text width 32: the cross-attention key/value shapes are exercised
 CORPUS = [
     "a dog runs on the grass", "two cats sleep on a red couch", "a man rides a bike down the street",
     "a plate of food with broccoli", "a picture of a train at the station", "people walking in the snow",
@@ -41,35 +43,12 @@ def tokenizer():
     return train_tokenizer(CORPUS, vocab_size=120)
 
 
-def _tiny_blip_config(tokenizer) -> BlipConfig:
-    ids = special_ids(tokenizer)
-    text = {
-        "vocab_size": ids["vocab_size"], "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "max_position_embeddings": 40, "bos_token_id": ids["bos_token_id"],
-        "sep_token_id": ids["sep_token_id"], "pad_token_id": ids["pad_token_id"],
-        "eos_token_id": ids["sep_token_id"],
-    }
-    # Vision width differs from text width so the cross-attention key/value shapes are exercised.
-    vision = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "image_size": 32, "patch_size": 8}
-    return BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=16)
-
-
-def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """HF initialises the ViT with std 1e-10; give every weight visible magnitude instead."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() == 1 else 0.2))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("hf")
-    cfg = _tiny_blip_config(tokenizer)
-    cap = _randomise(BlipForConditionalGeneration(cfg), 0)
-    fil = _randomise(BlipForImageTextRetrieval(cfg), 1)
+    cfg = tiny_blip_config(tokenizer, VARIANT)
+    cap = randomise(BlipForConditionalGeneration(cfg), 0)
+    fil = randomise(BlipForImageTextRetrieval(cfg), 1)
     cap.save_pretrained(root / "captioner")
     fil.save_pretrained(root / "filter")
     tokenizer.save_pretrained(root / "captioner")
@@ -85,7 +64,7 @@ def _inputs(tokenizer, texts=("a dog on the grass", "two red cats sleep on a cou
 
 
 def test_config_round_trip(tokenizer):
-    cfg = _tiny_blip_config(tokenizer)
+    cfg = tiny_blip_config(tokenizer, VARIANT)
     med_cfg = config_from_hf(cfg)
     assert (med_cfg.vision_width, med_cfg.text_width, med_cfg.embed_dim) == (48, 32, 16)
     back = config_from_hf(hf_config(med_cfg))
