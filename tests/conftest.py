@@ -1,4 +1,5 @@
-"""Shared fixtures: a loopback HTTP server the tests fill with files, and the run's Ray session.
+"""Shared fixtures: a loopback HTTP server the tests fill with files, the run's Ray session, and
+the rule that only ``integration`` tests start Ray.
 
 ``http_server`` is capfilt's own :class:`capfilt.serve.LoopbackServer` (the server behind
 ``capfilt serve`` and the bootstrap demo) over a temporary directory: ``http_server.add(path,
@@ -42,6 +43,36 @@ class SiteServer(LoopbackServer):
 def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SiteServer]:
     with SiteServer(tmp_path_factory.mktemp("site")) as server:
         yield server
+
+
+RAY_FIXTURES = ("ray_session", "cluster")
+"""Fixtures that start Ray (this run's session, tests/integration/test_cluster.py's two nodes)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that uses a Ray fixture must carry the ``integration`` marker (``-m "not integration"``
+    then runs without Ray)."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if set(RAY_FIXTURES) & set(getattr(item, "fixturenames", ()))
+        and item.get_closest_marker("integration") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"these tests start Ray but lack the integration marker: {unmarked}")
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_in_integration_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside ``integration`` tests, the pipeline starting Ray fails the test (it needs the marker)."""
+    if request.node.get_closest_marker("integration") is not None:
+        return
+    from capfilt import pipeline
+
+    def refuse(address: str | None) -> bool:
+        raise AssertionError("this test starts Ray: mark it pytest.mark.integration")
+
+    monkeypatch.setattr(pipeline, "_init_ray", refuse)
 
 
 @pytest.fixture(scope="session")
