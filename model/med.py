@@ -406,7 +406,8 @@ class TextEmbeddings(nn.Module):
 
 
 class TextSelfAttention(nn.Module):
-    """Query/key/value projections; keys and values come from ``context`` for cross-attention."""
+    """Query/key/value projections (HF's ``BertSelfAttention`` names); :class:`TextAttention` runs
+    them. Keys and values come from the text itself, or from image tokens for cross-attention."""
 
     def __init__(self, *, config: MEDConfig, kv_width: int) -> None:
         super().__init__()
@@ -415,36 +416,9 @@ class TextSelfAttention(nn.Module):
         self.key = nn.Linear(kv_width, config.text_width)
         self.value = nn.Linear(kv_width, config.text_width)
 
-    def forward(
-        self,
-        x: Tensor,
-        mask: Tensor | None,
-        *,
-        context: Tensor | None = None,
-        cache: KVCache | None = None,
-        image: ImageContext | None = None,
-        layer: int = 0,
-    ) -> Tensor:
-        """Self-attention (keys from ``x``, optionally cached), or cross-attention to ``context``
-        (image embeddings, one per row) or to ``image`` (keys/values computed once per image)."""
-        q = _split_heads(self.query(x), self.heads)
-        if image is not None:
-            return _merge_heads(image.attend(q, layer))
-        if context is not None:
-            k = _split_heads(self.key(context), self.heads)
-            v = _split_heads(self.value(context), self.heads)
-        else:
-            k = _split_heads(self.key(x), self.heads)
-            v = _split_heads(self.value(x), self.heads)
-            if cache is not None:
-                k, v = cache.append(k, v)
-        return _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-
-    def image_kv(self, image_embeds: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values of image tokens (I, N, Dv) -> (I, H, N, d) each (cross-attention only)."""
-        return _split_heads(self.key(image_embeds), self.heads), _split_heads(
-            self.value(image_embeds), self.heads
-        )
+    def kv(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of ``source`` tokens (B, N, D) -> (B, H, N, d) each."""
+        return _split_heads(self.key(source), self.heads), _split_heads(self.value(source), self.heads)
 
 
 class TextOutput(nn.Module):
@@ -481,7 +455,18 @@ class TextAttention(nn.Module):
         image: ImageContext | None = None,
         layer: int = 0,
     ) -> Tensor:
-        return self.output(self.self(x, mask, context=context, cache=cache, image=image, layer=layer), x)
+        """Self-attention (keys from ``x``, optionally cached), or cross-attention to ``context``
+        (image embeddings, one per row) or to ``image`` (keys/values computed once per image)."""
+        attention = self.self
+        q = _split_heads(attention.query(x), attention.heads)
+        if image is not None:
+            attended = image.attend(q, layer)
+        else:
+            k, v = attention.kv(x if context is None else context)
+            if context is None and cache is not None:
+                k, v = cache.append(k, v)
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.output(_merge_heads(attended), x)
 
 
 class TextIntermediate(nn.Module):
@@ -865,7 +850,7 @@ class MED(nn.Module):
         else:
             row_image = row_image.to(device=image_embeds.device, dtype=torch.long)
             slot, group, packed = image_row_slots(row_image, images)
-        kv = [layer.crossattention.self.image_kv(image_embeds) for layer in self.text_encoder.encoder.layer]
+        kv = [layer.crossattention.self.kv(image_embeds) for layer in self.text_encoder.encoder.layer]
         return ImageContext(kv=kv, row_image=row_image, row_slot=slot, group=group, packed=packed)
 
     def itm_logits(
