@@ -26,7 +26,9 @@ FILTER_PARTS = ("vision_model.", "text_encoder.", "vision_proj.", "text_proj.", 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("layouts")
-    return {layout: save_hf_blip(root / layout, kind="filter", layout=layout, seed=3) for layout in HF_LAYOUTS}
+    return {
+        layout: save_hf_blip(root / layout, kind="filter", layout=layout, seed=3) for layout in HF_LAYOUTS
+    }
 
 
 def test_every_layout_holds_the_files_the_hub_would(layouts):
