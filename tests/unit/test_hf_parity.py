@@ -141,14 +141,8 @@ def test_greedy_and_beam_generation_match_hf(hf_dirs, tokenizer):
     processor_ids = torch.tensor([[tokenizer.cls_token_id, *prompt, tokenizer.sep_token_id]] * len(pixels))
     prefix = 1 + len(prompt)
 
-    ref = hf_dirs["cap"].generate(
-        pixel_values=pixels,
-        input_ids=processor_ids.clone(),
-        max_length=14,
-        min_length=8,
-        do_sample=False,
-        num_beams=1,
-    )
+    hf_settings = dict(pixel_values=pixels, max_length=14, min_length=8, do_sample=False)
+    ref = hf_dirs["cap"].generate(input_ids=processor_ids.clone(), num_beams=1, **hf_settings)
     ours = med.generate(pixels, prompt_ids=prompt, max_length=14, min_length=8, sample=False, num_beams=1)
     width = max(ours.shape[1], ref.shape[1] - prefix)
     assert torch.equal(_pad_to(ours, width, pad), _pad_to(ref[:, prefix:], width, pad))
@@ -156,12 +150,9 @@ def test_greedy_and_beam_generation_match_hf(hf_dirs, tokenizer):
     # Beam search: the random tiny model repeats tokens, so equal-score permutations tie and
     # their order is float noise; compare the returned beams' scores instead of their ids.
     ref = hf_dirs["cap"].generate(
-        pixel_values=pixels,
         input_ids=processor_ids.clone(),
-        max_length=14,
-        min_length=8,
-        do_sample=False,
         num_beams=3,
+        **hf_settings,
         num_return_sequences=2,
         output_scores=True,
         return_dict_in_generate=True,
