@@ -31,39 +31,14 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from capfilt.errors import UserError
+from capfilt.rundir import CARRIED_COLUMNS, OPTIONAL_SAMPLE_COLUMNS, SAMPLE_SCHEMA
 
 #: Columns the pipeline itself writes into ``samples/*.parquet`` or carries between stages
-#: (``_row``, ``_shard``, ``image``); ``input.keep_cols`` may not reuse these names, or a
-#: carried input column would silently overwrite (or be overwritten by) a pipeline column.
-#: Names starting with one of :data:`RESERVED_PREFIXES` are reserved as well.
-RESERVED_COLUMNS: frozenset[str] = frozenset(
-    {
-        "_row",
-        "_shard",
-        "key",
-        "url",
-        "web_text",
-        "status",
-        "error",
-        "image",
-        "width",
-        "height",
-        "original_width",
-        "original_height",
-        "sha256",
-        "synthetic_texts",
-        "web_itm",
-        "synthetic_itm",
-        "web_itc",
-        "synthetic_itc",
-        "web_kept",
-        "synthetic_kept",
-        "web_clip",
-        "synthetic_clip",
-        "phash",
-        "duplicate_of",
-    }
-)
+#: (``_row``, ``_shard``, ``image``), derived from the one definition in ``capfilt.rundir``;
+#: ``input.keep_cols`` may not reuse these names, or a carried input column would silently
+#: overwrite (or be overwritten by) a pipeline column. Names starting with one of
+#: :data:`RESERVED_PREFIXES` are reserved as well.
+RESERVED_COLUMNS: frozenset[str] = frozenset({*CARRIED_COLUMNS, *SAMPLE_SCHEMA.names, *OPTIONAL_SAMPLE_COLUMNS})
 
 RESERVED_PREFIXES: tuple[str, ...] = ("_", "pixels_")
 """Internal column namespaces: ``_row``-style bookkeeping and the preprocess stage's pixels."""

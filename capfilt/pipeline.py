@@ -409,6 +409,15 @@ def _user_error_in(err: BaseException) -> BaseException | None:
     return None
 
 
+_SELECT_TYPES = {
+    name: type_
+    for name, type_ in rundir.SAMPLE_TYPES.items()
+    if pa.types.is_list(type_) or name in ("status", "error")
+}
+"""Samples columns the select step types explicitly: lists (an all-empty batch would be list<null>)
+and the status strings."""
+
+
 def finish_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -424,16 +433,7 @@ def finish_batch(
     empty (every row failed) does not become ``list<null>``.
     """
     out = select(batch, threshold=threshold, keep_web=keep_web, keep_synthetic=keep_synthetic, **options)
-    typed = {
-        "synthetic_texts": pa.list_(pa.string()),
-        "synthetic_itm": pa.list_(pa.float64()),
-        "synthetic_itc": pa.list_(pa.float64()),
-        "synthetic_kept": pa.list_(pa.bool_()),
-        "synthetic_clip": pa.list_(pa.float64()),
-        "status": pa.string(),
-        "error": pa.string(),
-        "image": pa.binary(),
-    }
+    typed = {**_SELECT_TYPES, rundir.IMAGE_COLUMN: pa.binary()}
     columns: dict[str, pa.Array] = {}
     for name, values in out.items():
         if name in drop:

@@ -53,6 +53,68 @@ ROW_COLUMN = "_row"
 SHARD_COLUMN = "_shard"
 """Internal column: the shard a row belongs to (``_row // rows_per_shard``)."""
 
+# --------------------------------------------------------------------------- columns
+# The one definition of what a run's Parquet files hold. Everything else derives from it:
+# ``config.RESERVED_COLUMNS`` (names keep_cols may not reuse), the download stage's
+# ``OUTPUT_COLUMNS``, the writer's tables and tar sidecars, the select step's Arrow types.
+
+IMAGE_COLUMN = "image"
+"""Encoded image bytes, carried between stages; stored in ``images/`` tars, never in samples."""
+CARRIED_COLUMNS = (ROW_COLUMN, SHARD_COLUMN, IMAGE_COLUMN)
+"""Columns the pipeline carries between stages that are not samples columns."""
+
+IMAGE_META_COLUMNS = ("width", "height", "original_width", "original_height", "sha256")
+"""What the download stage records about each image (also in each tar member's KEY.json)."""
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("web_text", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("synthetic_texts", pa.list_(pa.string())),
+        ("web_itm", pa.float64()),
+        ("synthetic_itm", pa.list_(pa.float64())),
+        ("web_kept", pa.bool_()),
+        ("synthetic_kept", pa.list_(pa.bool_())),
+    ]
+)
+"""The columns every samples file has, in this order; optional columns, then keep_cols follow them."""
+
+OPTIONAL_SAMPLE_COLUMNS: dict[str, pa.DataType] = {
+    "web_itc": pa.float64(),
+    "synthetic_itc": pa.list_(pa.float64()),
+    **dict(zip(IMAGE_META_COLUMNS, (pa.int64(),) * 4 + (pa.string(),), strict=True)),
+    "web_clip": pa.float64(),
+    "synthetic_clip": pa.list_(pa.float64()),
+    "phash": pa.string(),  # 16 hex digits
+    "duplicate_of": pa.string(),
+}
+"""Columns copied into samples files when the stages produced them (ITC scores when
+``filter.itc_column``; image sizes and content hash from the download stage; CLIP scores
+with a ``clip`` section; the perceptual hash and the dedup mark with ``dedup.enabled``)."""
+
+SAMPLE_TYPES: dict[str, pa.DataType] = {
+    **{f.name: f.type for f in SAMPLE_SCHEMA},
+    **OPTIONAL_SAMPLE_COLUMNS,
+}
+"""Arrow type of every column a samples file may have (keep_cols aside)."""
+
+DATASET_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("text", pa.string()),
+        ("source", pa.string()),  # web | synthetic
+        ("itm", pa.float64()),  # the filter's match probability (NaN when no filter ran)
+        ("shard", pa.int32()),
+        ("image_tar", pa.string()),  # relative to the run directory, e.g. images/shard-00007.tar
+        ("image_member", pa.string()),  # e.g. KEY.jpg
+    ]
+)
+"""One row per kept (image, text) pair: ``dataset/shard-NNNNN.parquet``."""
+
+
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
 """Names of committed samples (and dataset) files; group 1 is the shard number."""
 _SHARD_FILE_RE = re.compile(r"^shard-(\d{5,})\.")

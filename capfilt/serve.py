@@ -23,6 +23,8 @@ Routes (stable: download tests depend on them). ``REST`` is any other route or a
                                     FILE is a path under DIR or ``gen/WxH.EXT``
 ``/cut/FILE``                       announces ``FILE``'s full Content-Length, sends half, closes
                                     (the transfer itself fails)
+``/chunked/FILE``                   ``FILE`` (as for /truncated) with ``Transfer-Encoding: chunked``
+                                    and no Content-Length: the size is known only at the end
 ``/flaky/N/REST``                   503 for the first N requests of this exact path, then ``REST``
 ``/empty``                          200, ``image/jpeg``, zero bytes
 ``/html``                           200, ``text/html``: a page where an image was expected
@@ -44,8 +46,10 @@ Routes (stable: download tests depend on them). ``REST`` is any other route or a
 ==================================  ================================================================
 
 Every request is counted per ``Host`` header while it is being answered: ``max_concurrent`` has
-the most simultaneous requests seen per Host. A server may listen on any 127.x.y.z address
-(``host=``), so two servers on 127.0.0.1 and 127.0.0.2 are two hosts for a client.
+the most simultaneous requests seen per Host. ``requests`` lists (method, path) of every request,
+``hits(path)`` counts them for one path, ``user_agents`` has each request's ``User-Agent``. A
+server may listen on any 127.x.y.z address (``host=``), so two servers on 127.0.0.1 and 127.0.0.2
+are two hosts for a client.
 
 Tests may add their own routes: ``LoopbackServer(directory=..., routes={"name": fn})`` sends
 ``/name/REST`` to ``fn(handler, rest)``, where ``handler.reply(...)`` answers.
@@ -125,6 +129,7 @@ class _Server(ThreadingHTTPServer):
         self.flaky_counts: dict[str, int] = {}
         self.request_log: list[tuple[str, str]] = []
         self.request_times: list[tuple[str, float]] = []
+        self.user_agents: list[str] = []
         self.active: dict[str, int] = {}
         self.max_active: dict[str, int] = {}
         self.drips: list[tuple[str, str, int]] = []
@@ -205,6 +210,7 @@ class LoopbackHandler(BaseHTTPRequestHandler):
         with server.lock:
             server.request_log.append((self.command, path))
             server.request_times.append((path, time.monotonic()))
+            server.user_agents.append(self.headers.get("User-Agent", ""))
             server.active[host] = server.active.get(host, 0) + 1
             server.max_active[host] = max(server.max_active.get(host, 0), server.active[host])
         self._extra_headers = []
@@ -364,23 +370,34 @@ class LoopbackHandler(BaseHTTPRequestHandler):
         phase, _, rest = tail.partition("/")
         if phase not in DRIP_PHASES:
             raise _BadRequest(f"drip: phase must be one of {', '.join(DRIP_PHASES)}, got {phase!r}")
+        self._raw_response(rest, chunked=phase == "chunks", drip=phase)
+
+    def _chunked(self, tail: str) -> None:
+        self._raw_response(tail, chunked=True, drip=None)
+
+    def _raw_response(self, rest: str, *, chunked: bool, drip: str | None) -> None:
+        """``rest``'s file as an HTTP/1.1 response written by hand (chunked or with a length);
+        the ``drip`` phase, if any, is sent at one byte per ``DRIP_INTERVAL_S``."""
         found = self._file_body(rest)
         if found is None:
             self.reply(404, b"not found\n")
             return
         body, content_type = found
         status_line = b"HTTP/1.1 200 OK\r\n"
-        framing = "Transfer-Encoding: chunked" if phase == "chunks" else f"Content-Length: {len(body)}"
-        headers = f"Content-Type: {content_type}\r\n{framing}\r\nConnection: close\r\n\r\n".encode()
-        parts: list[tuple[bytes, bool]] = [(status_line, phase == "status"), (headers, phase == "headers")]
-        if phase == "chunks":
+        framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(body)}"
+        extra = "".join(f"{name}: {value}\r\n" for name, value in self._extra_headers)
+        headers = f"Content-Type: {content_type}\r\n{framing}\r\n{extra}Connection: close\r\n\r\n".encode()
+        parts: list[tuple[bytes, bool]] = [(status_line, drip == "status"), (headers, drip == "headers")]
+        if chunked:
             for start in range(0, len(body), 1000):
                 piece = body[start : start + 1000]
-                parts += [(b"%x\r\n" % len(piece), True), (piece + b"\r\n", False)]
-            parts.append((b"0\r\n\r\n", True))
+                parts += [(b"%x\r\n" % len(piece), drip == "chunks"), (piece + b"\r\n", False)]
+            parts.append((b"0\r\n\r\n", drip == "chunks"))
         else:
-            parts.append((body, phase == "body"))
+            parts.append((body, drip == "body"))
         self.close_connection = True
+        if self.command == "HEAD":
+            parts = parts[:2]
         sent = 0
         outcome = "completed"
         try:
@@ -398,8 +415,9 @@ class LoopbackHandler(BaseHTTPRequestHandler):
         except OSError:  # ConnectionError included: the client hung up
             outcome = "client closed early"
         finally:
-            with self.server.lock:
-                self.server.drips.append((urlsplit(self.path).path, outcome, sent))
+            if drip is not None:
+                with self.server.lock:
+                    self.server.drips.append((urlsplit(self.path).path, outcome, sent))
 
     def _many_headers(self, tail: str) -> None:
         count_text, _, rest = tail.partition("/")
@@ -497,6 +515,7 @@ _BUILTINS: dict[str, Callable[[LoopbackHandler, str], None]] = {
     "header": LoopbackHandler._header,
     "truncated": LoopbackHandler._truncated,
     "cut": LoopbackHandler._cut,
+    "chunked": LoopbackHandler._chunked,
     "flaky": LoopbackHandler._flaky,
     "empty": LoopbackHandler._empty,
     "html": LoopbackHandler._html,
@@ -566,6 +585,17 @@ class LoopbackServer:
     def requests(self) -> list[tuple[str, str]]:
         with self._server.lock:
             return list(self._server.request_log)
+
+    def hits(self, path: str) -> int:
+        """How many requests (any method) asked for ``path`` (as sent, e.g. ``/a%20b.jpg``)."""
+        with self._server.lock:
+            return sum(p == path for _, p in self._server.request_log)
+
+    @property
+    def user_agents(self) -> list[str]:
+        """The ``User-Agent`` header of every request ("" when absent), in arrival order."""
+        with self._server.lock:
+            return list(self._server.user_agents)
 
     @property
     def request_times(self) -> list[tuple[str, float]]:

@@ -406,7 +406,8 @@ class TextEmbeddings(nn.Module):
 
 
 class TextSelfAttention(nn.Module):
-    """Query/key/value projections; keys and values come from ``context`` for cross-attention."""
+    """Query/key/value projections (HF's ``BertSelfAttention`` names); :class:`TextAttention` runs
+    them. Keys and values come from the text itself, or from image tokens for cross-attention."""
 
     def __init__(self, *, config: MEDConfig, kv_width: int) -> None:
         super().__init__()
@@ -414,6 +415,35 @@ class TextSelfAttention(nn.Module):
         self.query = nn.Linear(config.text_width, config.text_width)
         self.key = nn.Linear(kv_width, config.text_width)
         self.value = nn.Linear(kv_width, config.text_width)
+
+    def kv(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of ``source`` tokens (B, N, D) -> (B, H, N, d) each."""
+        return _split_heads(self.key(source), self.heads), _split_heads(self.value(source), self.heads)
+
+
+class TextOutput(nn.Module):
+    """BERT's post-norm residual: ``LayerNorm(dense(x) + residual)``, from ``in_width`` to text width.
+
+    After attention (``in_width`` = text width, HF's ``BertSelfOutput``) and after the FFN
+    (``in_width`` = ``text_intermediate``, HF's ``BertOutput``); module names follow HF.
+    """
+
+    def __init__(self, *, config: MEDConfig, in_width: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_width, config.text_width)
+        self.LayerNorm = nn.LayerNorm(config.text_width, eps=config.text_eps)
+
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class TextAttention(nn.Module):
+    """Post-norm attention block: ``self`` (q/k/v) then ``output`` (dense + residual LayerNorm)."""
+
+    def __init__(self, *, config: MEDConfig, kv_width: int) -> None:
+        super().__init__()
+        self.self = TextSelfAttention(config=config, kv_width=kv_width)
+        self.output = TextOutput(config=config, in_width=config.text_width)
 
     def forward(
         self,
@@ -427,55 +457,16 @@ class TextSelfAttention(nn.Module):
     ) -> Tensor:
         """Self-attention (keys from ``x``, optionally cached), or cross-attention to ``context``
         (image embeddings, one per row) or to ``image`` (keys/values computed once per image)."""
-        q = _split_heads(self.query(x), self.heads)
+        attention = self.self
+        q = _split_heads(attention.query(x), attention.heads)
         if image is not None:
-            return _merge_heads(image.attend(q, layer))
-        if context is not None:
-            k = _split_heads(self.key(context), self.heads)
-            v = _split_heads(self.value(context), self.heads)
+            attended = image.attend(q, layer)
         else:
-            k = _split_heads(self.key(x), self.heads)
-            v = _split_heads(self.value(x), self.heads)
-            if cache is not None:
+            k, v = attention.kv(x if context is None else context)
+            if context is None and cache is not None:
                 k, v = cache.append(k, v)
-        return _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-
-    def image_kv(self, image_embeds: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values of image tokens (I, N, Dv) -> (I, H, N, d) each (cross-attention only)."""
-        return _split_heads(self.key(image_embeds), self.heads), _split_heads(
-            self.value(image_embeds), self.heads
-        )
-
-
-class TextSelfOutput(nn.Module):
-    def __init__(self, *, config: MEDConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(config.text_width, config.text_width)
-        self.LayerNorm = nn.LayerNorm(config.text_width, eps=config.text_eps)
-
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
-
-
-class TextAttention(nn.Module):
-    """Post-norm attention block: ``self`` (q/k/v) then ``output`` (dense + residual LayerNorm)."""
-
-    def __init__(self, *, config: MEDConfig, kv_width: int) -> None:
-        super().__init__()
-        self.self = TextSelfAttention(config=config, kv_width=kv_width)
-        self.output = TextSelfOutput(config=config)
-
-    def forward(
-        self,
-        x: Tensor,
-        mask: Tensor | None,
-        *,
-        context: Tensor | None = None,
-        cache: KVCache | None = None,
-        image: ImageContext | None = None,
-        layer: int = 0,
-    ) -> Tensor:
-        return self.output(self.self(x, mask, context=context, cache=cache, image=image, layer=layer), x)
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.output(_merge_heads(attended), x)
 
 
 class TextIntermediate(nn.Module):
@@ -485,16 +476,6 @@ class TextIntermediate(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.gelu(self.dense(x))
-
-
-class TextOutput(nn.Module):
-    def __init__(self, *, config: MEDConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(config.text_intermediate, config.text_width)
-        self.LayerNorm = nn.LayerNorm(config.text_width, eps=config.text_eps)
-
-    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
 
 
 class TextLayer(nn.Module):
@@ -510,7 +491,7 @@ class TextLayer(nn.Module):
         if shared is None:
             self.crossattention = TextAttention(config=config, kv_width=config.vision_width)
             self.intermediate = TextIntermediate(config=config)
-            self.output = TextOutput(config=config)
+            self.output = TextOutput(config=config, in_width=config.text_intermediate)
         else:
             self.crossattention = shared.crossattention
             self.intermediate = shared.intermediate
@@ -869,7 +850,7 @@ class MED(nn.Module):
         else:
             row_image = row_image.to(device=image_embeds.device, dtype=torch.long)
             slot, group, packed = image_row_slots(row_image, images)
-        kv = [layer.crossattention.self.image_kv(image_embeds) for layer in self.text_encoder.encoder.layer]
+        kv = [layer.crossattention.self.kv(image_embeds) for layer in self.text_encoder.encoder.layer]
         return ImageContext(kv=kv, row_image=row_image, row_slot=slot, group=group, packed=packed)
 
     def itm_logits(

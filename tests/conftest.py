@@ -1,109 +1,78 @@
-"""Shared fixtures: a loopback HTTP server that serves handcrafted responses.
+"""Shared fixtures: a loopback HTTP server the tests fill with files, the run's Ray session, and
+the rule that only ``integration`` tests start Ray.
 
-Tests register routes (``server.add(path, body=..., status=..., headers=...)``) and get
-URLs back; nothing leaves 127.0.0.1. Special behaviours a real web server shows now and
-then are per-route flags: ``delay_s`` (sleep before answering, for timeouts),
-``short_by`` (declare more Content-Length than is sent, then close: a cut transfer),
-``chunked`` (no Content-Length).
+``http_server`` is capfilt's own :class:`capfilt.serve.LoopbackServer` (the server behind
+``capfilt serve`` and the bootstrap demo) over a temporary directory: ``http_server.add(path,
+body)`` writes a file and returns its URL; misbehaviour (status codes, slow answers, cut or
+chunked transfers, redirects, X-Robots-Tag headers) comes from its documented routes, e.g.
+``f"{http_server.url}/slow/1.5/good.jpg"``. Nothing leaves 127.0.0.1, and the fixture stops the
+server (joining every handler thread) when the module's tests are done.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
+
+from capfilt.serve import LoopbackServer
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # The downloader honours proxy variables like urllib does; the fixture server is local.
 os.environ["no_proxy"] = "127.0.0.1,localhost"
 
 
-@dataclass
-class Route:
-    body: bytes = b""
-    status: int = 200
-    headers: dict[str, str] = field(default_factory=dict)
-    delay_s: float = 0.0
-    short_by: int = 0
-    chunked: bool = False
+class SiteServer(LoopbackServer):
+    """A LoopbackServer over a directory that tests add files to as they go."""
 
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory=directory)
+        self.directory = directory
 
-class FixtureServer:
-    """A ThreadingHTTPServer on 127.0.0.1 (free port) answering from a route table."""
-
-    def __init__(self) -> None:
-        self.routes: dict[str, Route] = {}
-        self.hits: dict[str, int] = {}
-        self.user_agents: list[str] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:  # keep test output clean
-                pass
-
-            def do_GET(self) -> None:  # http.server calls do_<METHOD>
-                path = self.path.split("?", 1)[0]
-                server.hits[path] = server.hits.get(path, 0) + 1
-                server.user_agents.append(self.headers.get("User-Agent", ""))
-                route = server.routes.get(path, Route(body=b"not found", status=404))
-                if route.delay_s:
-                    time.sleep(route.delay_s)
-                try:
-                    self.send_response(route.status)
-                    for name, value in route.headers.items():
-                        self.send_header(name, value)
-                    if route.chunked:
-                        self.send_header("Transfer-Encoding", "chunked")
-                        self.send_header("Connection", "close")
-                        self.end_headers()
-                        for start in range(0, len(route.body), 4096):
-                            piece = route.body[start : start + 4096]
-                            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                        self.wfile.write(b"0\r\n\r\n")
-                    else:
-                        self.send_header("Content-Length", str(len(route.body) + route.short_by))
-                        self.send_header("Connection", "close")
-                        self.end_headers()
-                        self.wfile.write(route.body)
-                    self.close_connection = True
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (too large, timeout): expected in tests
-
-        class Server(ThreadingHTTPServer):
-            # The default backlog of 5 drops bursts of connections; the client's SYN
-            # retry then takes 1 s and looks like a timeout.
-            request_queue_size = 128
-
-        self._httpd = Server(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
-
-    def add(self, path: str, **route: object) -> str:
-        """Serve ``Route(**route)`` at ``path``; return its full URL."""
-        self.routes[path] = Route(**route)  # type: ignore[arg-type]
-        return self.base + path
-
-    def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+    def add(self, path: str, body: bytes) -> str:
+        """Serve ``body`` at ``path`` (a file under the root); returns its URL, quoted as needed."""
+        target = self.directory / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(body)
+        return self.url_for(path)
 
 
 @pytest.fixture(scope="module")
-def http_server() -> Iterator[FixtureServer]:
-    server = FixtureServer()
-    try:
+def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SiteServer]:
+    with SiteServer(tmp_path_factory.mktemp("site")) as server:
         yield server
-    finally:
-        server.close()
+
+
+RAY_FIXTURES = ("ray_session", "cluster")
+"""Fixtures that start Ray (this run's session, tests/integration/test_cluster.py's two nodes)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that uses a Ray fixture must carry the ``integration`` marker (``-m "not integration"``
+    then runs without Ray)."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if set(RAY_FIXTURES) & set(getattr(item, "fixturenames", ()))
+        and item.get_closest_marker("integration") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"these tests start Ray but lack the integration marker: {unmarked}")
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_in_integration_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside ``integration`` tests, the pipeline starting Ray fails the test (it needs the marker)."""
+    if request.node.get_closest_marker("integration") is not None:
+        return
+    from capfilt import pipeline
+
+    def refuse(address: str | None) -> bool:
+        raise AssertionError("this test starts Ray: mark it pytest.mark.integration")
+
+    monkeypatch.setattr(pipeline, "_init_ray", refuse)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Shared test builders: tiny MED checkpoints and hand-built run directories.
+"""Shared test builders: tiny MED and Hugging Face BLIP models, hand-built run directories, CLIP.
 
 Imported by name from tests (pytest's ``pythonpath`` includes ``tests/``), so fixtures are
 written once instead of being copied between test modules.
@@ -18,33 +18,228 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from capfilt.rundir import DATASET_SCHEMA, SAMPLE_SCHEMA
+
 #: Words the tiny test tokenizer knows; captions in tests are drawn from them.
 WORDS = (
     "a picture of red blue green yellow circle square triangle star on the left right top small big".split()
 )
 
 
-def tiny_med(*, seed: int):
-    """A randomly initialised, very small MED (32 px input, width 32) and its trained tokenizer."""
+# --------------------------------------------------------------------------- tiny models
+# Every test model has the one shape below (32 px, width 32, one layer per tower); a variant
+# changes the shape only where a test needs another one, and says why. What is not shape (the
+# vocabulary and special-token ids, queue size, momentum, init std) is passed per test.
+
+TINY_MED: dict[str, int] = {
+    "image_size": 32, "patch_size": 8, "vision_width": 32, "vision_layers": 1, "vision_heads": 2,
+    "vision_intermediate": 64, "text_width": 32, "text_layers": 1, "text_heads": 2, "text_intermediate": 64,
+    "queue_size": 64, "embed_dim": 16, "max_position_embeddings": 48,
+}  # fmt: skip
+"""The test suite's MED shape (over ``MEDConfig.preset("tiny")``)."""
+
+TINY_VARIANTS: dict[str, dict[str, int]] = {
+    "tiny": {},
+    # two layers per tower: per-layer state (decoder/encoder sharing of layer 1, per-layer KV caches)
+    "deep": {"vision_layers": 2, "text_layers": 2},
+    # image width 48 != text width 32 and 4 heads: cross-attention key/value shapes (HF parity)
+    "cross": {"vision_width": 48, "vision_intermediate": 96, "vision_layers": 2, "vision_heads": 4,
+              "text_layers": 2, "text_heads": 4},
+    # 16 px (4 patches): training runs through the CLI, where steps dominate the test's time
+    "micro": {"image_size": 16},
+}  # fmt: skip
+
+
+def tiny_shape(variant: str = "tiny") -> dict[str, int]:
+    """The MEDConfig fields of ``variant`` (one of ``TINY_VARIANTS``)."""
+    if variant not in TINY_VARIANTS:
+        raise ValueError(f"unknown tiny variant {variant!r}; known: {sorted(TINY_VARIANTS)}")
+    return {**TINY_MED, **TINY_VARIANTS[variant]}
+
+
+def tiny_overrides(variant: str = "tiny") -> str:
+    """``variant`` as a YAML flow mapping, for ``--set model.overrides=...`` of training configs."""
+    return "{" + ", ".join(f"{k}: {v}" for k, v in tiny_shape(variant).items()) + "}"
+
+
+def tiny_tokenizer(words=WORDS, *, vocab_size: int = 120):
+    """A WordPiece tokenizer trained on ``words`` (the project's helper: BERT's own maps words to [UNK])."""
+    from model.tokenizer import train_tokenizer
+
+    return train_tokenizer([" ".join(words)] * 4, vocab_size=vocab_size)
+
+
+def tiny_config(variant: str = "tiny", **fields: Any):
+    """``MEDConfig`` of ``variant``; ``fields`` set the rest (e.g. ``**special_ids(tokenizer)``)."""
+    from model.med import MEDConfig
+
+    return MEDConfig.preset("tiny").replace(**{**tiny_shape(variant), **fields})
+
+
+def tiny_med(*, seed: int, variant: str = "tiny", tokenizer: Any = None, **fields: Any):
+    """A randomly initialised tiny MED (eval mode) and its tokenizer (``tiny_tokenizer()`` by default)."""
     import torch
 
-    from model.med import MED, MEDConfig
-    from model.tokenizer import special_ids, train_tokenizer
+    from model.med import MED
+    from model.tokenizer import special_ids
 
-    tokenizer = train_tokenizer([" ".join(WORDS)] * 4, vocab_size=120)
-    config = MEDConfig.preset("tiny").replace(
-        image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
-        vision_intermediate=64, text_width=32, text_layers=1, text_heads=2, text_intermediate=64,
-        queue_size=64, embed_dim=16, max_position_embeddings=48, **special_ids(tokenizer),
-    )  # fmt: skip
+    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
+    config = tiny_config(variant, **{**special_ids(tokenizer), **fields})
     torch.manual_seed(seed)
     return MED(config).eval(), tokenizer
 
 
+def save_tiny_model(
+    directory: Path, *, seed: int, variant: str = "tiny", calibrate_itm: bool = False
+) -> Path:
+    """``tiny_med`` saved as a capfilt checkpoint (weights, config, tokenizer); returns ``directory``.
+
+    A random ITM head gives every pair nearly the same probability (~0.47). With
+    ``calibrate_itm`` the head is rescaled so that, on images and texts like the tests', the
+    match probabilities spread around 0.5: a 0.5 threshold then keeps some texts and drops others.
+    """
+    med, tokenizer = tiny_med(seed=seed, variant=variant)
+    if calibrate_itm:
+        _calibrate_itm(med, tokenizer)
+    med.save(directory, tokenizer)
+    return directory
+
+
+def _calibrate_itm(med: Any, tokenizer: Any) -> None:
+    """Scale the ITM head so (match - no match) logits have spread ~2 and median ~0."""
+    import numpy as np
+    import torch
+
+    from capfilt.stages.caption import decode_image, pixel_values
+
+    side = med.config.image_size
+    pixels = np.stack([decode_image(image_bytes("RGB", "JPEG", color=c), side) for c in range(12)])
+    texts = [" ".join(WORDS[(3 * i) % len(WORDS) : (3 * i) % len(WORDS) + 3]) for i in range(12)]
+    tokens = tokenizer(texts, padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        embeds = med.encode_image(pixel_values(pixels, device=torch.device("cpu"), dtype=torch.float32))
+        head = med.itm_head
+        hidden_logits = med.itm_logits(embeds, tokens["input_ids"], tokens["attention_mask"]) - head.bias
+        u = hidden_logits[:, 1] - hidden_logits[:, 0]
+        scale = 2.0 / float(u.std().clamp_min(1e-8))
+        head.weight.mul_(scale)
+        head.bias.zero_()
+        head.bias[1] = -scale * float(u.median())
+
+
+def image_bytes(
+    mode: str, fmt: str, *, size: tuple[int, int] = (48, 40), color: int = 0, **save: object
+) -> bytes:
+    """An image of ``mode`` (RGB, CMYK, P, I;16, RGBA, ...) encoded as ``fmt``, different per ``color``."""
+    rgb = Image.new("RGB", size, (40 + color * 7 % 200, 120, 200 - color * 5 % 150))
+    rgb.paste((250, 250, 20), (0, 0, size[0] // 2, size[1] // 3))
+    if mode == "I;16":
+        image = rgb.convert("L").convert("I;16")
+    elif mode == "P":
+        image = rgb.convert("P", palette=Image.Palette.ADAPTIVE)
+    else:
+        image = rgb.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- tiny Hugging Face BLIP
+
+HF_LAYOUTS = ("safetensors", "sharded-safetensors", "bin", "sharded-bin")
+"""How hub repos hold BLIP weights: ``model.safetensors``; ``model-0000k-of-0000n.safetensors`` +
+index (``save_pretrained(max_shard_size=...)``); ``pytorch_model.bin`` only (older transformers,
+blip-itm-large-coco's main branch); ``pytorch_model-0000k-of-0000n.bin`` + index."""
+
+
+def tiny_blip_config(tokenizer: Any, variant: str = "tiny"):
+    """A ``transformers.BlipConfig`` of ``variant``'s shape, written field by field (not through
+    ``model.hf.hf_config``, so the import and parity tests do not trust the converter they test)."""
+    from transformers import BlipConfig
+
+    from model.tokenizer import special_ids
+
+    shape, ids = tiny_shape(variant), special_ids(tokenizer)
+    text = {
+        "vocab_size": ids["vocab_size"], "hidden_size": shape["text_width"],
+        "intermediate_size": shape["text_intermediate"], "num_hidden_layers": shape["text_layers"],
+        "num_attention_heads": shape["text_heads"], "max_position_embeddings": shape["max_position_embeddings"],
+        "bos_token_id": ids["bos_token_id"], "sep_token_id": ids["sep_token_id"],
+        "pad_token_id": ids["pad_token_id"], "eos_token_id": ids["sep_token_id"],
+    }  # fmt: skip
+    vision = {
+        "hidden_size": shape["vision_width"], "intermediate_size": shape["vision_intermediate"],
+        "num_hidden_layers": shape["vision_layers"], "num_attention_heads": shape["vision_heads"],
+        "image_size": shape["image_size"], "patch_size": shape["patch_size"],
+    }  # fmt: skip
+    return BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=shape["embed_dim"])
+
+
+def randomise(model: Any, seed: int) -> Any:
+    """Give every weight a visible magnitude (HF initialises the ViT with std ~1e-10); eval mode."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() == 1 else 0.2))
+    return model.eval()
+
+
+def save_hf_blip(
+    directory: Path,
+    *,
+    kind: str = "filter",
+    layout: str = "safetensors",
+    seed: int = 0,
+    tokenizer: Any = None,
+) -> Path:
+    """A tiny random ``BlipForImageTextRetrieval`` (``kind="filter"``) or
+    ``BlipForConditionalGeneration`` (``"captioner"``) with its tokenizer, saved as a hub repo holds
+    it in ``layout`` (one of ``HF_LAYOUTS``); returns ``directory``.
+
+    transformers 5 no longer writes ``.bin`` files (``safe_serialization=False`` is ignored), so
+    those layouts are written by hand in the format older versions used.
+    """
+    import torch
+    from safetensors.torch import load_file
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
+
+    if layout not in HF_LAYOUTS:
+        raise ValueError(f"layout {layout!r} not in {HF_LAYOUTS}")
+    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
+    cls = BlipForImageTextRetrieval if kind == "filter" else BlipForConditionalGeneration
+    torch.manual_seed(seed)
+    model = randomise(cls(tiny_blip_config(tokenizer)), seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    if layout == "sharded-safetensors":
+        model.save_pretrained(directory, max_shard_size="40KB")
+    else:
+        model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    if layout in ("bin", "sharded-bin"):
+        state = load_file(directory / "model.safetensors")
+        (directory / "model.safetensors").unlink()
+        if layout == "bin":
+            torch.save(state, directory / "pytorch_model.bin")
+        else:
+            names = sorted(state)
+            chunks = [names[i : i + 8] for i in range(0, len(names), 8)]
+            weight_map = {}
+            for k, chunk in enumerate(chunks, start=1):
+                shard = f"pytorch_model-{k:05d}-of-{len(chunks):05d}.bin"
+                torch.save({n: state[n] for n in chunk}, directory / shard)
+                weight_map.update(dict.fromkeys(chunk, shard))
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     "weight_map": weight_map}  # fmt: skip
+            (directory / "pytorch_model.bin.index.json").write_text(json.dumps(index), encoding="utf-8")
+    return directory
+
+
 # --------------------------------------------------------------------------- run directories
 # A run directory written the way the README's "Run directory" section specifies (pyarrow for the parquet
-# files, webdataset's TarWriter for the image shards), independently of the pipeline, so export
-# and report are checked against the contract rather than against what the pipeline writes.
+# files, webdataset's TarWriter for the image shards), independently of the pipeline's writer, so
+# export and report are checked against the contract rather than against what the pipeline writes.
 
 THRESHOLD = 0.5
 COLORS = ["red", "green", "blue", "orange", "purple", "teal", "olive", "navy"]
@@ -212,32 +407,9 @@ def make_run(
     }
 
 
-_SAMPLES_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("url", pa.string()),
-        ("web_text", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("synthetic_texts", pa.list_(pa.string())),
-        ("web_itm", pa.float64()),
-        ("synthetic_itm", pa.list_(pa.float64())),
-        ("web_kept", pa.bool_()),
-        ("synthetic_kept", pa.list_(pa.bool_())),
-        ("similarity", pa.float64()),
-    ]
-)
-_DATASET_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("text", pa.string()),
-        ("source", pa.string()),
-        ("itm", pa.float64()),
-        ("shard", pa.int32()),
-        ("image_tar", pa.string()),
-        ("image_member", pa.string()),
-    ]
-)
+# The columns are the contract's one definition (capfilt.rundir); the rows above are written by hand.
+_SAMPLES_SCHEMA = SAMPLE_SCHEMA.append(pa.field("similarity", pa.float64()))  # + input.keep_cols
+_DATASET_SCHEMA = DATASET_SCHEMA
 
 
 def make_bootstrap(root: Path, *, rounds: int = 2, unfinished: bool = True) -> list[dict[str, Any]]:

@@ -76,6 +76,7 @@ from PIL import Image, ImageOps
 
 from capfilt import __version__
 from capfilt.config import DownloadConfig
+from capfilt.rundir import IMAGE_COLUMN, IMAGE_META_COLUMNS
 from capfilt.stages.status import Status
 
 #: Error texts are cut to this many characters so one odd server cannot bloat a shard.
@@ -91,16 +92,7 @@ ROBOTS_MAX_BYTES = 512 * 1024
 BATCH_DEADLINE_SLACK_S = 30.0
 
 #: Columns ``Downloader`` adds (or replaces) in a batch.
-OUTPUT_COLUMNS = (
-    "image",
-    "status",
-    "error",
-    "width",
-    "height",
-    "original_width",
-    "original_height",
-    "sha256",
-)
+OUTPUT_COLUMNS = (IMAGE_COLUMN, "status", "error", *IMAGE_META_COLUMNS)
 
 _BROWSER_UA = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 _READ_CHUNK = 1 << 16

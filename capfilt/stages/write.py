@@ -54,9 +54,13 @@ from capfilt.errors import UserError
 from capfilt.guards import inside
 from capfilt.rundir import (  # noqa: F401 - re-exported: export, report and bootstrap import them from here
     DATASET_DIR,
+    DATASET_SCHEMA,
+    IMAGE_META_COLUMNS,
     IMAGES_DIR,
+    OPTIONAL_SAMPLE_COLUMNS,
     PARTS_DIR,
     ROW_COLUMN,
+    SAMPLE_SCHEMA,
     SAMPLES_DIR,
     SHARD_COLUMN,
     SHARD_META_KEY,
@@ -75,51 +79,6 @@ from capfilt.rundir import (  # noqa: F401 - re-exported: export, report and boo
 from capfilt.stages.status import Status
 
 _SHARD_RE = SHARD_RE
-
-SAMPLE_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("url", pa.string()),
-        ("web_text", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("synthetic_texts", pa.list_(pa.string())),
-        ("web_itm", pa.float64()),
-        ("synthetic_itm", pa.list_(pa.float64())),
-        ("web_kept", pa.bool_()),
-        ("synthetic_kept", pa.list_(pa.bool_())),
-    ]
-)
-"""The columns every samples file has, in this order; keep_cols follow them."""
-
-OPTIONAL_SAMPLE_COLUMNS: dict[str, pa.DataType] = {
-    "web_itc": pa.float64(),
-    "synthetic_itc": pa.list_(pa.float64()),
-    "width": pa.int64(),
-    "height": pa.int64(),
-    "original_width": pa.int64(),
-    "original_height": pa.int64(),
-    "sha256": pa.string(),
-    "web_clip": pa.float64(),
-    "synthetic_clip": pa.list_(pa.float64()),
-    "phash": pa.string(),  # 16 hex digits
-    "duplicate_of": pa.string(),
-}
-"""Columns copied into samples files when the stages produced them (ITC scores when
-``filter.itc_column``; image sizes and content hash from the download stage; CLIP scores
-with a ``clip`` section; the perceptual hash and the dedup mark with ``dedup.enabled``)."""
-
-DATASET_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("text", pa.string()),
-        ("source", pa.string()),  # web | synthetic
-        ("itm", pa.float64()),  # the filter's match probability (NaN when no filter ran)
-        ("shard", pa.int32()),
-        ("image_tar", pa.string()),  # relative to the run directory, e.g. images/shard-00007.tar
-        ("image_member", pa.string()),  # e.g. KEY.jpg
-    ]
-)
 
 
 def _column(rows: pa.Table, name: str, type_: pa.DataType, default: Any) -> pa.Array:
@@ -199,7 +158,7 @@ def _image_json(row: Mapping[str, Any]) -> bytes:
         "status": "success" if row.get("status") == Status.ok else row.get("status"),
         "error_message": row.get("error") or None,
     }
-    for name in ("width", "height", "original_width", "original_height", "sha256"):
+    for name in IMAGE_META_COLUMNS:
         if name in row:
             meta[name] = row[name]
     return json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
@@ -211,23 +170,8 @@ def write_images_tar(target: Path | IO[bytes], rows: pa.Table, *, image_ext: str
 
     Member metadata is fixed (mtime 0, mode 0644, no owner), so equal rows give equal bytes.
     """
-    names = [
-        n
-        for n in (
-            "key",
-            "url",
-            "web_text",
-            "status",
-            "error",
-            "image",
-            "width",
-            "height",
-            "original_width",
-            "original_height",
-            "sha256",
-        )
-        if n in rows.column_names
-    ]
+    wanted = ("key", "url", "web_text", "status", "error", "image", *IMAGE_META_COLUMNS)
+    names = [n for n in wanted if n in rows.column_names]
     count = 0
     opened = (
         tarfile.open(target, "w", format=tarfile.PAX_FORMAT)

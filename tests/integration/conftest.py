@@ -1,7 +1,8 @@
-"""Integration fixtures: ONE Ray session for the whole test run, tiny models, a loopback corpus.
+"""Integration fixtures: tiny models and a loopback corpus (the builders live in tests/support.py).
 
-Every pipeline run in these tests joins the session started here (``capfilt.pipeline`` reuses
-an initialised Ray; subprocess runs join it by address), so Ray starts once per test run.
+Every pipeline run in these tests joins the test run's one Ray session (``ray_session`` in
+tests/conftest.py; ``capfilt.pipeline`` reuses an initialised Ray, subprocess runs join it by
+address), so Ray starts once per test run.
 """
 
 from __future__ import annotations
@@ -10,47 +11,13 @@ import io
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ["no_proxy"] = "127.0.0.1,localhost"
 
-from support import WORDS, tiny_med  # noqa: E402
-
-
-def save_tiny_model(directory: Path, *, seed: int, calibrate_itm: bool = False) -> Path:
-    """A randomly initialised, very small MED (32 px input, width 32) with a trained tokenizer.
-
-    A random ITM head gives every pair nearly the same probability (~0.47). With
-    ``calibrate_itm`` the head is rescaled so that, on images and texts like the tests', the
-    match probabilities spread around 0.5: a 0.5 threshold then keeps some texts and drops others.
-    """
-    med, tokenizer = tiny_med(seed=seed)
-    if calibrate_itm:
-        _calibrate_itm(med, tokenizer)
-    med.save(directory, tokenizer)
-    return directory
-
-
-def _calibrate_itm(med: torch.nn.Module, tokenizer: object) -> None:
-    """Scale the ITM head so (match - no match) logits have spread ~2 and median ~0."""
-    from capfilt.stages.caption import decode_image, pixel_values
-
-    pixels = np.stack([decode_image(image_bytes("RGB", "JPEG", color=c), 32) for c in range(12)])
-    texts = [" ".join(WORDS[(3 * i) % len(WORDS) : (3 * i) % len(WORDS) + 3]) for i in range(12)]
-    tokens = tokenizer(texts, padding="longest", return_tensors="pt")  # type: ignore[operator]
-    with torch.no_grad():
-        embeds = med.encode_image(pixel_values(pixels, device=torch.device("cpu"), dtype=torch.float32))
-        head = med.itm_head
-        hidden_logits = med.itm_logits(embeds, tokens["input_ids"], tokens["attention_mask"]) - head.bias
-        u = hidden_logits[:, 1] - hidden_logits[:, 0]
-        scale = 2.0 / float(u.std().clamp_min(1e-8))
-        head.weight.mul_(scale)
-        head.bias.zero_()
-        head.bias[1] = -scale * float(u.median())
+from support import image_bytes, save_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -60,23 +27,6 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return save_tiny_model(root / "captioner", seed=0), save_tiny_model(
         root / "filter", seed=1, calibrate_itm=True
     )
-
-
-def image_bytes(
-    mode: str, fmt: str, *, size: tuple[int, int] = (48, 40), color: int = 0, **save: object
-) -> bytes:
-    """An image of ``mode`` (RGB, CMYK, P, I;16, RGBA, ...) encoded as ``fmt``."""
-    rgb = Image.new("RGB", size, (40 + color * 7 % 200, 120, 200 - color * 5 % 150))
-    rgb.paste((250, 250, 20), (0, 0, size[0] // 2, size[1] // 3))
-    if mode == "I;16":
-        image = rgb.convert("L").convert("I;16")
-    elif mode == "P":
-        image = rgb.convert("P", palette=Image.Palette.ADAPTIVE)
-    else:
-        image = rgb.convert(mode)
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **save)
-    return buffer.getvalue()
 
 
 def animated_gif() -> bytes:

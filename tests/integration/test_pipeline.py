@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -302,11 +303,14 @@ def test_a_run_killed_after_its_first_shard_resumes_to_the_same_output(
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
-def test_rerunning_a_finished_run_does_nothing(reference: Path, config_file: Path) -> None:
-    before = {p: p.stat().st_mtime_ns for p in (reference / write.SAMPLES_DIR).iterdir()}
-    run_cli(config_file, reference)
-    assert {p: p.stat().st_mtime_ns for p in (reference / write.SAMPLES_DIR).iterdir()} == before
-    assert json.loads((reference / "manifest.json").read_text())["timing"]["rows_processed"] == 0
+def test_rerunning_a_finished_run_does_nothing(reference: Path, config_file: Path, tmp_path: Path) -> None:
+    # A copy: the shared reference stays as its own run left it, whatever order the tests run in.
+    finished = tmp_path / "finished"
+    shutil.copytree(reference, finished)
+    before = {p: p.stat().st_mtime_ns for p in (finished / write.SAMPLES_DIR).iterdir()}
+    run_cli(config_file, finished)
+    assert {p: p.stat().st_mtime_ns for p in (finished / write.SAMPLES_DIR).iterdir()} == before
+    assert json.loads((finished / "manifest.json").read_text())["timing"]["rows_processed"] == 0
 
 
 def test_resuming_with_a_config_that_changes_outputs_is_refused(reference: Path, config_file: Path) -> None:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from hf_support import save_hf_blip
+from support import save_hf_blip
 from typer.testing import CliRunner
 
 from capfilt.cli import app

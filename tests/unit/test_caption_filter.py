@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support import tiny_med
+from support import save_tiny_model
 
 from capfilt.config import CaptionConfig, FilterConfig
 from capfilt.stages.caption import (
@@ -23,12 +23,6 @@ from capfilt.stages.caption import (
 )
 from capfilt.stages.filter import Filter
 from capfilt.stages.select import object_array
-
-
-def save_tiny_model(directory: Path, *, seed: int) -> Path:
-    med, tokenizer = tiny_med(seed=seed)
-    med.save(directory, tokenizer)
-    return directory
 
 
 @pytest.fixture(scope="module")

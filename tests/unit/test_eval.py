@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from support import tiny_med, tiny_tokenizer
 
 from capfilt import eval as ev
 from capfilt.errors import UserError
@@ -214,19 +215,10 @@ def corpus(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory):
-    """(MED, tokenizer, checkpoint dir): a 1-layer random MED at 32 px with a corpus vocabulary."""
+    """(MED, tokenizer, checkpoint dir): support's tiny random MED with the synthetic world's vocabulary."""
     from capfilt import synth
-    from model.med import MED, MEDConfig
-    from model.tokenizer import special_ids, train_tokenizer
 
-    tokenizer = train_tokenizer(synth.all_words(), vocab_size=500)
-    config = MEDConfig.preset("tiny").replace(
-        image_size=32, patch_size=8, vision_width=48, vision_heads=2, vision_intermediate=96,
-        text_width=48, text_heads=2, text_intermediate=96, vision_layers=1, text_layers=1,
-        queue_size=16, embed_dim=32, max_position_embeddings=64, **special_ids(tokenizer),
-    )  # fmt: skip
-    torch.manual_seed(0)
-    med = MED(config)
+    med, tokenizer = tiny_med(seed=0, tokenizer=tiny_tokenizer(synth.all_words(), vocab_size=500))
     directory = med.save(tmp_path_factory.mktemp("ckpt") / "med", tokenizer=tokenizer)
     return med, tokenizer, directory
 

@@ -20,18 +20,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from support import tiny_config
 
 from model import med as med_module
-from model.med import MED, MEDConfig, counter_uniform
+from model.med import MED, counter_uniform
 
 
 def small_med(*, seed: int = 0, vocab: int = 300, sharpen: float = 1.0) -> MED:
-    config = MEDConfig.preset("tiny").replace(
-        image_size=32, patch_size=8, vision_width=48, vision_layers=1, vision_heads=2, vision_intermediate=64,
-        text_width=48, text_layers=2, text_heads=2, text_intermediate=64, queue_size=64, embed_dim=16,
-        max_position_embeddings=64, vocab_size=vocab, pad_token_id=0, cls_token_id=1, sep_token_id=3,
-        bos_token_id=4, enc_token_id=5, init_std=0.2,
-    )  # fmt: skip
+    # support's two-layer tiny MED ("deep": the cache is per layer); a vocabulary well above the
+    # 64 nucleus candidates and a large init std, so decoding has varied tokens to pick from
+    ids = dict(pad_token_id=0, cls_token_id=1, sep_token_id=3, bos_token_id=4, enc_token_id=5)
+    config = tiny_config("deep", vocab_size=vocab, init_std=0.2, **ids)
     torch.manual_seed(seed)
     med = MED(config).eval()
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """Hugging Face checkpoints in every hub layout, revision pins and what a hub download fetches.
 
-Tiny random BLIP models are saved offline (tests/hf_support.py) as a hub repo holds them:
+Tiny random BLIP models are saved offline (``support.save_hf_blip``) as a hub repo holds them:
 single or sharded safetensors, single or sharded pytorch_model.bin. Nothing touches the network:
 the hub client is replaced where a download is exercised.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_support import LAYOUTS, save_hf_blip
+from support import HF_LAYOUTS, save_hf_blip
 
 from capfilt.config import loads
 from capfilt.errors import UserError
@@ -26,7 +26,9 @@ FILTER_PARTS = ("vision_model.", "text_encoder.", "vision_proj.", "text_proj.", 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("layouts")
-    return {layout: save_hf_blip(root / layout, kind="filter", layout=layout, seed=3) for layout in LAYOUTS}
+    return {
+        layout: save_hf_blip(root / layout, kind="filter", layout=layout, seed=3) for layout in HF_LAYOUTS
+    }
 
 
 def test_every_layout_holds_the_files_the_hub_would(layouts):
@@ -45,7 +47,7 @@ def test_every_layout_holds_the_files_the_hub_would(layouts):
 def test_load_state_dict_gives_the_same_tensors_from_every_layout(layouts):
     reference = load_state_dict(layouts["safetensors"])
     assert len(reference) > 20
-    for layout in LAYOUTS[1:]:
+    for layout in HF_LAYOUTS[1:]:
         state = load_state_dict(layouts[layout])
         assert state.keys() == reference.keys(), layout
         assert all(torch.equal(state[k], reference[k]) for k in reference), layout
@@ -53,7 +55,7 @@ def test_load_state_dict_gives_the_same_tensors_from_every_layout(layouts):
 
 def test_every_layout_imports_as_a_filter_without_allow_pickle(layouts):
     reference, _ = load_any(layouts["safetensors"])
-    for layout in LAYOUTS[1:]:
+    for layout in HF_LAYOUTS[1:]:
         med, tokenizer = load_any(layouts[layout])  # .bin: torch.load(weights_only=True), no flag needed
         assert tokenizer is not None
         ours, theirs = med.state_dict(), reference.state_dict()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support import randomise, tiny_blip_config
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval
 
 from model.hf import (
@@ -25,14 +26,21 @@ from model.hf import (
     load_any,
 )
 from model.med import MED, CheckpointError, MEDConfig, parameter_counts
-from model.tokenizer import special_ids, train_tokenizer
+from model.tokenizer import train_tokenizer
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 ATOL = 1e-4
+VARIANT = "cross"  # image width 48 != text width 32: the cross-attention key/value shapes are exercised
 CORPUS = [
-    "a dog runs on the grass", "two cats sleep on a red couch", "a man rides a bike down the street",
-    "a plate of food with broccoli", "a picture of a train at the station", "people walking in the snow",
-    "a bird sitting on a branch", "a red car parked near a house", "children play football in a park",
+    "a dog runs on the grass",
+    "two cats sleep on a red couch",
+    "a man rides a bike down the street",
+    "a plate of food with broccoli",
+    "a picture of a train at the station",
+    "people walking in the snow",
+    "a bird sitting on a branch",
+    "a red car parked near a house",
+    "children play football in a park",
 ] * 5
 
 
@@ -41,35 +49,12 @@ def tokenizer():
     return train_tokenizer(CORPUS, vocab_size=120)
 
 
-def _tiny_blip_config(tokenizer) -> BlipConfig:
-    ids = special_ids(tokenizer)
-    text = {
-        "vocab_size": ids["vocab_size"], "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "max_position_embeddings": 40, "bos_token_id": ids["bos_token_id"],
-        "sep_token_id": ids["sep_token_id"], "pad_token_id": ids["pad_token_id"],
-        "eos_token_id": ids["sep_token_id"],
-    }
-    # Vision width differs from text width so the cross-attention key/value shapes are exercised.
-    vision = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "image_size": 32, "patch_size": 8}
-    return BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=16)
-
-
-def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """HF initialises the ViT with std 1e-10; give every weight visible magnitude instead."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() == 1 else 0.2))
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("hf")
-    cfg = _tiny_blip_config(tokenizer)
-    cap = _randomise(BlipForConditionalGeneration(cfg), 0)
-    fil = _randomise(BlipForImageTextRetrieval(cfg), 1)
+    cfg = tiny_blip_config(tokenizer, VARIANT)
+    cap = randomise(BlipForConditionalGeneration(cfg), 0)
+    fil = randomise(BlipForImageTextRetrieval(cfg), 1)
     cap.save_pretrained(root / "captioner")
     fil.save_pretrained(root / "filter")
     tokenizer.save_pretrained(root / "captioner")
@@ -85,7 +70,7 @@ def _inputs(tokenizer, texts=("a dog on the grass", "two red cats sleep on a cou
 
 
 def test_config_round_trip(tokenizer):
-    cfg = _tiny_blip_config(tokenizer)
+    cfg = tiny_blip_config(tokenizer, VARIANT)
     med_cfg = config_from_hf(cfg)
     assert (med_cfg.vision_width, med_cfg.text_width, med_cfg.embed_dim) == (48, 32, 16)
     back = config_from_hf(hf_config(med_cfg))
@@ -112,8 +97,12 @@ def test_itm_and_itc_match_hf(hf_dirs, tokenizer):
     med.eval()
     pixels, ids, mask = _inputs(tokenizer)
     with torch.no_grad():
-        ref_itm = hf_dirs["fil"](input_ids=ids, pixel_values=pixels, attention_mask=mask).itm_score.softmax(-1)
-        ref_itc = hf_dirs["fil"](input_ids=ids, pixel_values=pixels, attention_mask=mask, use_itm_head=False).itm_score
+        ref_itm = hf_dirs["fil"](input_ids=ids, pixel_values=pixels, attention_mask=mask).itm_score.softmax(
+            -1
+        )
+        ref_itc = hf_dirs["fil"](
+            input_ids=ids, pixel_values=pixels, attention_mask=mask, use_itm_head=False
+        ).itm_score
         image_embeds = med.encode_image(pixels)
         ours_itm = med.itm_logits(image_embeds, ids, mask).softmax(-1)
         ours_itc = med.image_features(image_embeds) @ med.text_features(med.encode_text(ids, mask)).T
@@ -130,7 +119,9 @@ def _pad_to(x: torch.Tensor, width: int, pad: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=pad)
 
 
-def _beam_score(med: MED, pixels: torch.Tensor, prefix: torch.Tensor, new: torch.Tensor, pad: int) -> torch.Tensor:
+def _beam_score(
+    med: MED, pixels: torch.Tensor, prefix: torch.Tensor, new: torch.Tensor, pad: int
+) -> torch.Tensor:
     """HF's beam score: sum of token log-probs of the new tokens / their number."""
     ids = torch.cat([prefix, new], dim=1)
     lengths = (new != pad).sum(dim=1)
@@ -150,9 +141,8 @@ def test_greedy_and_beam_generation_match_hf(hf_dirs, tokenizer):
     processor_ids = torch.tensor([[tokenizer.cls_token_id, *prompt, tokenizer.sep_token_id]] * len(pixels))
     prefix = 1 + len(prompt)
 
-    ref = hf_dirs["cap"].generate(
-        pixel_values=pixels, input_ids=processor_ids.clone(), max_length=14, min_length=8, do_sample=False, num_beams=1
-    )
+    hf_settings = dict(pixel_values=pixels, max_length=14, min_length=8, do_sample=False)
+    ref = hf_dirs["cap"].generate(input_ids=processor_ids.clone(), num_beams=1, **hf_settings)
     ours = med.generate(pixels, prompt_ids=prompt, max_length=14, min_length=8, sample=False, num_beams=1)
     width = max(ours.shape[1], ref.shape[1] - prefix)
     assert torch.equal(_pad_to(ours, width, pad), _pad_to(ref[:, prefix:], width, pad))
@@ -160,11 +150,16 @@ def test_greedy_and_beam_generation_match_hf(hf_dirs, tokenizer):
     # Beam search: the random tiny model repeats tokens, so equal-score permutations tie and
     # their order is float noise; compare the returned beams' scores instead of their ids.
     ref = hf_dirs["cap"].generate(
-        pixel_values=pixels, input_ids=processor_ids.clone(), max_length=14, min_length=8, do_sample=False,
-        num_beams=3, num_return_sequences=2, output_scores=True, return_dict_in_generate=True,
+        input_ids=processor_ids.clone(),
+        num_beams=3,
+        **hf_settings,
+        num_return_sequences=2,
+        output_scores=True,
+        return_dict_in_generate=True,
     )
-    ours = med.generate(pixels, prompt_ids=prompt, max_length=14, min_length=8, sample=False, num_beams=3,
-                        num_captions=2)
+    ours = med.generate(
+        pixels, prompt_ids=prompt, max_length=14, min_length=8, sample=False, num_beams=3, num_captions=2
+    )
     assert ours.shape[0] == len(pixels) * 2
     prefix_ids = ref.sequences[:, :prefix]
     ours_scores = _beam_score(med, pixels.repeat_interleave(2, 0), prefix_ids, ours, pad)
@@ -176,7 +171,13 @@ def test_export_reloads_in_hf_with_same_outputs(hf_dirs, tokenizer, tmp_path):
     med.eval()
     export_captioner(med, tok, tmp_path / "cap")
     export_filter(med, tok, tmp_path / "fil")
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "capfilt.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "preprocessor_config.json",
+        "capfilt.json",
+    ):
         assert (tmp_path / "cap" / name).is_file() and (tmp_path / "fil" / name).is_file(), name
     text_cfg = json.loads((tmp_path / "cap" / "config.json").read_text())["text_config"]
     assert text_cfg["bos_token_id"] == tok.bos_token_id and text_cfg["vocab_size"] == len(tok)
@@ -191,21 +192,27 @@ def test_export_reloads_in_hf_with_same_outputs(hf_dirs, tokenizer, tmp_path):
         torch.testing.assert_close(
             med.decoder_logits(image_embeds, dec_ids, mask)[mask.bool()],
             cap(pixel_values=pixels, input_ids=dec_ids, attention_mask=mask).logits[mask.bool()],
-            atol=ATOL, rtol=1e-4,
+            atol=ATOL,
+            rtol=1e-4,
         )
         med.config = med.config.replace(itm_use_enc_token=False)
         torch.testing.assert_close(
             med.itm_logits(image_embeds, ids, mask),
             fil(input_ids=ids, pixel_values=pixels, attention_mask=mask).itm_score,
-            atol=ATOL, rtol=1e-4,
+            atol=ATOL,
+            rtol=1e-4,
         )
     # load_any dispatches on the architecture and restores the MED config from capfilt.json.
     again, tok2 = load_any(tmp_path / "fil")
     assert again.config.itm_use_enc_token is False and tok2 is not None
-    torch.testing.assert_close(again.vision_model.post_layernorm.weight, med.vision_model.post_layernorm.weight)
+    torch.testing.assert_close(
+        again.vision_model.post_layernorm.weight, med.vision_model.post_layernorm.weight
+    )
     cap_again, _ = load_any(tmp_path / "cap")
-    torch.testing.assert_close(cap_again.text_decoder.cls.predictions.transform.dense.weight,
-                               med.text_decoder.cls.predictions.transform.dense.weight)
+    torch.testing.assert_close(
+        cap_again.text_decoder.cls.predictions.transform.dense.weight,
+        med.text_decoder.cls.predictions.transform.dense.weight,
+    )
 
 
 def test_import_key_accounting(hf_dirs):
@@ -225,17 +232,25 @@ def test_import_key_accounting(hf_dirs):
     dec_k = med.text_decoder.bert.encoder.layer[0].attention.self.key.weight
     assert torch.equal(dec_k, fil_sd["text_encoder.encoder.layer.0.attention.self.key.weight"])
     assert "text_decoder.cls.predictions.transform.dense.weight" in report.random
-    assert torch.equal(med.text_decoder.cls.predictions.decoder.weight,
-                       fil_sd["text_encoder.embeddings.word_embeddings.weight"])
+    assert torch.equal(
+        med.text_decoder.cls.predictions.decoder.weight,
+        fil_sd["text_encoder.embeddings.word_embeddings.weight"],
+    )
 
     med, _, report = import_hf_with_report(captioner=hf_dirs["captioner"], filter=hf_dirs["filter"])
     assert not report.copied
-    assert torch.equal(med.vision_model.embeddings.patch_embedding.weight,
-                       fil_sd["vision_model.embeddings.patch_embedding.weight"])
-    assert torch.equal(med.text_decoder.bert.encoder.layer[0].attention.self.value.weight,
-                       cap_sd["text_decoder.bert.encoder.layer.0.attention.self.value.weight"])
-    assert torch.equal(med.text_decoder.bert.encoder.layer[0].intermediate.dense.weight,
-                       fil_sd["text_encoder.encoder.layer.0.intermediate.dense.weight"])
+    assert torch.equal(
+        med.vision_model.embeddings.patch_embedding.weight,
+        fil_sd["vision_model.embeddings.patch_embedding.weight"],
+    )
+    assert torch.equal(
+        med.text_decoder.bert.encoder.layer[0].attention.self.value.weight,
+        cap_sd["text_decoder.bert.encoder.layer.0.attention.self.value.weight"],
+    )
+    assert torch.equal(
+        med.text_decoder.bert.encoder.layer[0].intermediate.dense.weight,
+        fil_sd["text_encoder.encoder.layer.0.intermediate.dense.weight"],
+    )
     assert "captioner:vision_model.embeddings.class_embedding" in report.superseded
 
 
@@ -292,6 +307,8 @@ def test_base_size_hf_models_import_without_key_surprises(tmp_path: Path, capsys
     counts = parameter_counts(med)
     with capsys.disabled():
         print("\nbase MED parameter counts:", json.dumps(counts, indent=1))
-    assert med.config == config_from_hf(cfg).replace(label_smoothing=0.0, cls_token_id=101, enc_token_id=30523)
+    assert med.config == config_from_hf(cfg).replace(
+        label_smoothing=0.0, cls_token_id=101, enc_token_id=30523
+    )
     assert 250e6 < counts["total_trainable"] < 255e6  # paper Table 3: 252M ("all except SA")
     assert MEDConfig.preset("base").replace(label_smoothing=0.0, itm_use_enc_token=False) == med.config

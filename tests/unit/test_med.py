@@ -6,22 +6,25 @@ import os
 
 import pytest
 import torch
+from support import tiny_config
 
 from model.med import MED, CheckpointError, MEDConfig, counter_uniform, parameter_counts
 from model.tokenizer import special_ids, train_tokenizer
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+# Token ids of a hand-made 60-word vocabulary (no tokenizer needed); a queue of 8 wraps after two
+# batches of 4. 40 positions: the initialisation the learning test below was tuned on (seeded).
 SMALL = dict(
-    image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2, vision_intermediate=64,
-    vocab_size=60, text_width=32, text_layers=2, text_heads=2, text_intermediate=64, max_position_embeddings=40,
-    pad_token_id=0, cls_token_id=2, sep_token_id=3, bos_token_id=58, enc_token_id=59, embed_dim=16, queue_size=8,
-)
+    vocab_size=60, pad_token_id=0, cls_token_id=2, sep_token_id=3, bos_token_id=58, enc_token_id=59,
+    queue_size=8, max_position_embeddings=40,
+)  # fmt: skip
 
 
 def small_med(**changes) -> MED:
+    """support's two-layer tiny MED ("deep": layer 1 checks sharing beyond the first layer)."""
     torch.manual_seed(0)
-    return MED(MEDConfig.preset("tiny").replace(**{**SMALL, **changes}))
+    return MED(tiny_config("deep", **{**SMALL, **changes}))
 
 
 def batch(n: int = 4, length: int = 7, vocab: int = 60):
@@ -68,7 +71,9 @@ def test_encoder_decoder_share_all_but_self_attention():
     assert not any(p.requires_grad for p in med.vision_model_m.parameters())
     counts = parameter_counts(med)
     trainable = sum(v for k, v in counts.items() if k not in ("momentum", "total_trainable"))
-    assert counts["total_trainable"] == trainable == sum(p.numel() for p in med.parameters() if p.requires_grad)
+    assert (
+        counts["total_trainable"] == trainable == sum(p.numel() for p in med.parameters() if p.requires_grad)
+    )
 
 
 def test_forward_losses_gradients_and_state_updates():
@@ -83,7 +88,10 @@ def test_forward_losses_gradients_and_state_updates():
     assert all(torch.isfinite(v) for v in out.values())
     assert med.temp.item() == pytest.approx(0.5)
     sum(out.values()).backward()
-    assert med.itm_head.weight.grad is not None and med.text_decoder.cls.predictions.transform.dense.weight.grad is not None
+    assert (
+        med.itm_head.weight.grad is not None
+        and med.text_decoder.cls.predictions.transform.dense.weight.grad is not None
+    )
     assert med.text_encoder.encoder.layer[0].crossattention.self.key.weight.grad is not None
     # Momentum: m * p_m + (1 - m) * p with p_m == p initially leaves it unchanged; queue advanced.
     torch.testing.assert_close(med.vision_proj_m.weight, before_m)
@@ -128,7 +136,10 @@ def test_save_load_round_trip_includes_momentum_queues_and_tokenizer(tmp_path):
         assert torch.equal(a, b), name
     # Sharing survives the round trip (safetensors stored the shared tensors once).
     assert loaded.text_decoder.bert.encoder.layer[1].output is loaded.text_encoder.encoder.layer[1].output
-    assert loaded.text_decoder.cls.predictions.decoder.weight is loaded.text_encoder.embeddings.word_embeddings.weight
+    assert (
+        loaded.text_decoder.cls.predictions.decoder.weight
+        is loaded.text_encoder.embeddings.word_embeddings.weight
+    )
 
 
 def test_pickle_only_checkpoint_is_refused_without_flag(tmp_path):
@@ -168,8 +179,11 @@ def test_generation_stops_at_sep_after_min_length_and_pads():
     with torch.no_grad():
         med.text_decoder.cls.predictions.bias[3] = 1e4  # [SEP] always wins once allowed
     pixels, _, _ = batch(2)
-    for kwargs in (dict(sample=True, seeds=torch.tensor([1, 2])), dict(sample=False, num_beams=1),
-                   dict(sample=False, num_beams=3, num_captions=2)):
+    for kwargs in (
+        dict(sample=True, seeds=torch.tensor([1, 2])),
+        dict(sample=False, num_beams=1),
+        dict(sample=False, num_beams=3, num_captions=2),
+    ):
         out = med.generate(pixels, prompt_ids=[7, 8, 9], max_length=20, min_length=6, **kwargs)
         # [DEC] + 3 prompt tokens = 4; min_length 6 forces 2 new tokens before [SEP].
         assert out.shape[1] == 3, kwargs
@@ -179,7 +193,9 @@ def test_generation_stops_at_sep_after_min_length_and_pads():
 def test_beam_search_returns_k_best_per_image():
     med = small_med().eval()
     pixels, _, _ = batch(2)
-    out = med.generate(pixels, prompt_ids=[], sample=False, num_beams=3, num_captions=3, max_length=8, min_length=1)
+    out = med.generate(
+        pixels, prompt_ids=[], sample=False, num_beams=3, num_captions=3, max_length=8, min_length=1
+    )
     assert out.shape[0] == 6 and out.shape[1] <= 7
     assert len({tuple(r.tolist()) for r in out[:3]}) == 3  # distinct beams
     with pytest.raises(ValueError, match="at most num_beams"):

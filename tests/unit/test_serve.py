@@ -49,13 +49,17 @@ def server(site: Path):
     assert not leaked, f"threads outlived the server: {leaked}"
 
 
-def _get(url: str, *, method: str = "GET", timeout: float = 5.0) -> tuple[int, http.client.HTTPMessage, bytes]:
+def _get(
+    url: str, *, method: str = "GET", timeout: float = 5.0
+) -> tuple[int, http.client.HTTPMessage, bytes]:
     request = urllib.request.Request(url, method=method)
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return response.status, response.headers, response.read()
 
 
-def _raw(server: LoopbackServer, path: str, method: str = "GET") -> tuple[int, http.client.HTTPMessage, bytes]:
+def _raw(
+    server: LoopbackServer, path: str, method: str = "GET"
+) -> tuple[int, http.client.HTTPMessage, bytes]:
     """One request without following redirects or normalising the path."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     try:
@@ -111,10 +115,8 @@ def test_status_route_rejects_nonsense(server: LoopbackServer) -> None:
 
 def test_slow_route_times_out_clients_then_serves(server: LoopbackServer, site: Path) -> None:
     with pytest.raises((TimeoutError, urllib.error.URLError)):
-        _get(f"{server.url}/slow/2", timeout=0.3)
-    started = time.perf_counter()
+        _get(f"{server.url}/slow/2/images/a.jpg", timeout=0.3)  # nothing arrives before the wait ends
     status, _, body = _get(f"{server.url}/slow/0.2/images/a.jpg")
-    assert time.perf_counter() - started >= 0.2
     assert status == 200 and body == (site / "images" / "a.jpg").read_bytes()
     assert _raw(server, "/slow/999")[0] == 400
 
@@ -146,7 +148,9 @@ def test_redirect_chain_counts_hops(server: LoopbackServer, site: Path) -> None:
     status, _, body = _get(f"{server.url}/redirect/3/images/a.jpg")
     assert status == 200 and body == (site / "images" / "a.jpg").read_bytes()
     assert [p for _, p in server.requests] == [
-        "/redirect/3/images/a.jpg", "/redirect/2/images/a.jpg", "/redirect/1/images/a.jpg",
+        "/redirect/3/images/a.jpg",
+        "/redirect/2/images/a.jpg",
+        "/redirect/1/images/a.jpg",
         "/redirect/0/images/a.jpg",
     ]
     status, headers, _ = _raw(server, "/redirect/1/status/500")
@@ -187,6 +191,27 @@ def test_cut_route_breaks_the_transfer(server: LoopbackServer) -> None:
         _get(f"{server.url}/cut/images/a.jpg")
 
 
+def test_chunked_route_streams_without_a_length(server: LoopbackServer, site: Path) -> None:
+    full = (site / "images" / "a.jpg").read_bytes()
+    status, headers, body = _get(f"{server.url}/chunked/images/a.jpg")
+    assert status == 200 and body == full
+    assert headers["Transfer-Encoding"] == "chunked" and headers["Content-Length"] is None
+    assert headers["Content-Type"] == "image/jpeg"
+    _, headers, body = _get(f"{server.url}/header/noai/chunked/gen/8x8.png")
+    assert headers["X-Robots-Tag"] == "noai" and body.startswith(b"\x89PNG")
+    assert _raw(server, "/chunked/images/nope.jpg")[0] == 404
+
+
+def test_requests_are_counted_per_path_with_their_user_agents(server: LoopbackServer) -> None:
+    for agent in ("capfilt-test/1", "other/2"):
+        urllib.request.urlopen(
+            urllib.request.Request(f"{server.url}/images/a.jpg", headers={"User-Agent": agent}), timeout=5
+        ).close()
+    assert _raw(server, "/images/b.png", method="HEAD")[0] == 200
+    assert (server.hits("/images/a.jpg"), server.hits("/images/b.png"), server.hits("/nope")) == (2, 1, 0)
+    assert server.user_agents[:2] == ["capfilt-test/1", "other/2"]
+
+
 def test_flaky_route_fails_n_times_per_path(server: LoopbackServer, site: Path) -> None:
     codes = []
     for _ in range(2):
@@ -205,7 +230,9 @@ def test_empty_html_and_big_bodies(server: LoopbackServer) -> None:
     assert headers["Content-Type"].startswith("text/html") and body.startswith(b"<!doctype html>")
     status, headers, body = _get(f"{server.url}/big/1000000")
     assert len(body) == 1_000_000 and body.count(0) == 1_000_000
-    assert int(_get(f"{server.url}/big", method="HEAD")[1]["Content-Length"]) == BIG_DEFAULT_BYTES > 20_000_000
+    assert (
+        int(_get(f"{server.url}/big", method="HEAD")[1]["Content-Length"]) == BIG_DEFAULT_BYTES > 20_000_000
+    )
 
 
 def test_client_hanging_up_on_big_body_leaves_server_healthy(server: LoopbackServer) -> None:
@@ -217,9 +244,14 @@ def test_client_hanging_up_on_big_body_leaves_server_healthy(server: LoopbackSer
     assert _get(f"{server.url}/images/a.jpg")[0] == 200
 
 
-@pytest.mark.parametrize(("spec", "fmt", "ctype"), [
-    ("64x32.png", "PNG", "image/png"), ("10x20.jpg", "JPEG", "image/jpeg"), ("5x5.webp", "WEBP", "image/webp"),
-])
+@pytest.mark.parametrize(
+    ("spec", "fmt", "ctype"),
+    [
+        ("64x32.png", "PNG", "image/png"),
+        ("10x20.jpg", "JPEG", "image/jpeg"),
+        ("5x5.webp", "WEBP", "image/webp"),
+    ],
+)
 def test_generated_images(server: LoopbackServer, spec: str, fmt: str, ctype: str) -> None:
     _, headers, body = _get(f"{server.url}/gen/{spec}")
     image = Image.open(io.BytesIO(body))
@@ -278,7 +310,7 @@ def test_serve_forever_runs_until_interrupted(site: Path) -> None:
         assert match and int(match[2]) > 0, line
         assert _get(f"{match[1]}/images/a.jpg")[0] == 200
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == 0
+        assert proc.wait(timeout=60) == 0  # a bound for a hang, not a speed test
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import tiny_overrides
 from torch import nn
 
 from model.train import TrainConfig, Trainer, list_checkpoints, lr_at, train
@@ -211,11 +212,7 @@ def test_custom_step_fn_and_empty_loader(tmp_path: Path) -> None:
 
 # ---- capfilt train: config handling and the real MED end to end ---------------------------------
 
-MICRO_MED = (
-    "{queue_size: 16, image_size: 16, patch_size: 8, vision_width: 32, vision_heads: 2, "
-    "vision_intermediate: 64, vision_layers: 1, text_width: 32, text_heads: 2, text_intermediate: 64, "
-    "text_layers: 1, embed_dim: 16, max_position_embeddings: 32}"
-)
+MICRO_MED = tiny_overrides("micro")  # support's tiny MED at 16 px
 
 
 @pytest.fixture(scope="module")
