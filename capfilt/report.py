@@ -33,9 +33,9 @@ from PIL import Image
 
 from capfilt.download_stats import download_stats
 from capfilt.errors import UserError
-from capfilt.export import RunStats, RunView, ScoreHistogram, TarImages, collect_stats, resolve_run
+from capfilt.rundir import IMAGES_DIR
+from capfilt.rundir.read import RunStats, RunView, ScoreHistogram, TarImages, collect_stats, resolve_run
 from capfilt.stages.status import Status
-from capfilt.stages.write import IMAGES_DIR
 
 THUMBNAIL_SIDE = 144
 """Longest side of a thumbnail in pixels: readable in a grid, a few KB as JPEG."""

@@ -24,7 +24,8 @@ from PIL import Image
 from support import THRESHOLD, make_bootstrap, make_run
 
 from capfilt.errors import UserError
-from capfilt.export import EXPORT_SCHEMA, collect_stats, export, resolve_run
+from capfilt.export import EXPORT_SCHEMA, export
+from capfilt.rundir.read import collect_stats, resolve_run
 
 
 @pytest.fixture
