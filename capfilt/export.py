@@ -515,7 +515,8 @@ def dataset_card(view: RunView, stats: RunStats, summary: Mapping[str, Any]) -> 
         "## Filter scores",
         "",
     ]
-    threshold = view.threshold()
+    rule = view.selection()
+    threshold = None if rule is None else rule.threshold
     rule = (
         f"ITM match probability of every scored text; the filter kept a text when its score was at least "
         f"**{threshold}**"

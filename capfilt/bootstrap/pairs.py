@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from capfilt.stages.select import Selection
 
 PAIRS_SCHEMA_NAMES = ("key", "image", "captions", "source")
 
@@ -51,29 +54,24 @@ def web_pairs(path: Path) -> Any:
     )
 
 
-def selected_pairs(
-    pipeline_dir: Path, *, threshold: float | None, keep_web: bool, keep_synthetic: int
-) -> Any:
-    """Pairs a selection rule keeps from a pipeline run's samples, with their downloaded images.
+def selected_pairs(pipeline_dir: Path, rule: Selection) -> Any:
+    """Pairs ``rule`` keeps from a pipeline run's samples, with their downloaded images.
 
     One row per kept text (a web text and a synthetic caption of the same image are two rows,
-    as they are two pairs in BLIP's D); the rule is :func:`capfilt.stages.select.select_table`.
+    as they are two pairs in BLIP's D): :func:`capfilt.rundir.read.kept_texts` of the samples
+    re-selected by :meth:`capfilt.stages.select.Selection.apply`.
     """
     import pyarrow.parquet as pq
 
     from capfilt.rundir import committed_shards, images_path, samples_path
     from capfilt.rundir.read import kept_texts, member_key, scan_images_tar
-    from capfilt.stages.select import select_table
 
     keys: list[str] = []
     images: list[bytes] = []
     captions: list[list[str]] = []
     sources: list[str] = []
     for shard in sorted(committed_shards(pipeline_dir)):
-        samples = select_table(
-            pq.read_table(samples_path(pipeline_dir, shard)),
-            threshold=threshold, keep_web=keep_web, keep_synthetic=keep_synthetic,
-        )  # fmt: skip
+        samples = rule.apply(pq.read_table(samples_path(pipeline_dir, shard)))
         tar = images_path(pipeline_dir, shard)
         shard_images = (
             {member_key(name): data for name, _, data in scan_images_tar(tar)} if tar.is_file() else {}

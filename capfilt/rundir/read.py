@@ -25,16 +25,20 @@ import tarfile
 from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
 from capfilt.errors import UserError
 from capfilt.guards import inside
 from capfilt.rundir import DATASET_DIR, SAMPLES_DIR, shard_number, value_counts
+
+if TYPE_CHECKING:
+    from capfilt.stages.select import Selection
 
 _ROUND_DIR = re.compile(r"^round-(\d+)$")
 
@@ -102,12 +106,17 @@ class RunView:
                 rows.append(row)
         return sorted(rows, key=lambda r: (r.get("round") is None, r.get("round") or 0))
 
-    def threshold(self) -> float | None:
-        """The filter threshold of the run, None when no filter ran."""
-        flt = self.config().get("filter")
-        if isinstance(flt, dict) and isinstance(flt.get("threshold"), int | float):
-            return float(flt["threshold"])
-        return None
+    def selection(self) -> Selection | None:
+        """The run's selection rule (:class:`~capfilt.stages.select.Selection`) from its
+        ``config.yaml``; None when the config is absent or is not a valid pipeline config."""
+        from capfilt.config import PipelineConfig
+        from capfilt.stages.select import Selection
+
+        try:
+            cfg = PipelineConfig.model_validate(self.config())
+        except ValidationError:
+            return None
+        return Selection.from_config(cfg)
 
     def samples_files(self) -> list[Path]:
         return shard_files(self.pipeline_dir / SAMPLES_DIR)
