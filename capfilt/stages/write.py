@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 
 from capfilt.errors import UserError
 from capfilt.guards import inside
-from capfilt.rundir import (  # noqa: F401 - re-exported: export, report and bootstrap import them from here
+from capfilt.rundir import (  # noqa: F401 - re-exported: dedup, bootstrap.summary and tests import them from here
     DATASET_DIR,
     DATASET_SCHEMA,
     IMAGE_META_COLUMNS,
