@@ -20,7 +20,6 @@ this section: :func:`images_per_s` gives the manifest's ``timing.images_per_s``.
 
 from __future__ import annotations
 
-import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,8 @@ from urllib.parse import urlsplit
 
 import pyarrow.parquet as pq
 
-from capfilt.stages import write
+from capfilt.rundir import committed_shards, images_path, samples_path
+from capfilt.rundir.read import scan_images_tar
 from capfilt.stages.status import Status
 
 TOP_DOMAINS = 20
@@ -62,15 +62,10 @@ def domain(url: Any) -> str:
 
 def _tar_image_bytes(path: Path) -> tuple[int, int]:
     """(image members, their total bytes) of an images tar, from the member headers only."""
-    count = total = 0
     if not path.is_file():
         return 0, 0
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if member.isfile() and not member.name.endswith(".json"):
-                count += 1
-                total += member.size
-    return count, total
+    sizes = [size for _, size, _ in scan_images_tar(path, read=False)]
+    return len(sizes), sum(sizes)
 
 
 def images_per_s(stats: dict[str, Any], rows_per_s: float) -> float:
@@ -84,15 +79,15 @@ def download_stats(run_dir: Path, *, top: int = TOP_DOMAINS) -> dict[str, Any]:
     by_domain: dict[str, Counter[str]] = {}
     status_counts: Counter[str] = Counter()
     images = image_bytes = 0
-    for shard in sorted(write.committed_shards(run_dir)):
-        table = pq.read_table(write.samples_path(run_dir, shard), columns=["url", "status"])
+    for shard in sorted(committed_shards(run_dir)):
+        table = pq.read_table(samples_path(run_dir, shard), columns=["url", "status"])
         for url, status in zip(
             table.column("url").to_pylist(), table.column("status").to_pylist(), strict=True
         ):
             counts = by_domain.setdefault(domain(url), Counter())
             counts[status] += 1
             status_counts[status] += 1
-        count, size = _tar_image_bytes(write.images_path(run_dir, shard))
+        count, size = _tar_image_bytes(images_path(run_dir, shard))
         images += count
         image_bytes += size
     rows = sum(status_counts.values())

@@ -33,9 +33,17 @@ from PIL import Image
 
 from capfilt.download_stats import download_stats
 from capfilt.errors import UserError
-from capfilt.export import RunStats, RunView, ScoreHistogram, TarImages, collect_stats, resolve_run
+from capfilt.rundir import IMAGES_DIR
+from capfilt.rundir.read import (
+    KEPT_COLUMNS,
+    RunStats,
+    RunView,
+    ScoreHistogram,
+    TarImages,
+    collect_stats,
+    resolve_run,
+)
 from capfilt.stages.status import Status
-from capfilt.stages.write import IMAGES_DIR
 
 THUMBNAIL_SIDE = 144
 """Longest side of a thumbnail in pixels: readable in a grid, a few KB as JPEG."""
@@ -336,16 +344,8 @@ def _thumbnail(data: bytes) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-_DETAIL_COLUMNS = (
-    "key",
-    "url",
-    "web_text",
-    "web_itm",
-    "web_kept",
-    "synthetic_texts",
-    "synthetic_itm",
-    "synthetic_kept",
-)
+_DETAIL_COLUMNS = ("url", *KEPT_COLUMNS)
+"""What a sample card shows: the URL and what :func:`~capfilt.rundir.read.kept_texts` reads."""
 
 
 def _rows(view: RunView, files: list[Path], picks: list[tuple[float, int, int]]) -> list[dict[str, Any]]:
@@ -699,7 +699,8 @@ def render(view: RunView, *, samples_per_section: int = 48) -> str:
     scan = _scan(view, files, per_section=samples_per_section)
     kept_rows = _rows(view, files, scan.kept.pick(samples_per_section))
     removed_rows = _rows(view, files, scan.removed.pick(samples_per_section))
-    threshold = view.threshold()
+    rule = view.selection()
+    threshold = None if rule is None else rule.threshold
     ok = stats.status.get(Status.ok.value, 0)
     where = f"{view.root}" + (
         f" — bootstrap round {view.round} of {len(view.rounds)}" if view.is_bootstrap else ""

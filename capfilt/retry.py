@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import re
-import tarfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -45,8 +44,10 @@ from capfilt.rundir import (
     SHARD_DIRS,
     RunDir,
     shard_name,
+    shard_number,
     shard_stem,
 )
+from capfilt.rundir.read import scan_images_tar
 from capfilt.stages.status import Status
 
 RETRY_DIR = "_retry"
@@ -178,10 +179,9 @@ def finish_staged(run: RunDir) -> list[int]:
     published = []
     for entry in run.fs.ls(root, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
-        match = re.match(r"^shard-(\d{5,})$", name)
-        if match is None:
+        shard = shard_number(name, suffix="")
+        if shard is None:
             continue
-        shard = int(match.group(1))
         if run.exists(_stage_path(run, shard, SAMPLES_DIR)):
             _publish(run, shard)
             published.append(shard)
@@ -194,12 +194,8 @@ def finish_staged(run: RunDir) -> list[int]:
 
 def _old_images(run: RunDir, shard: int, members: set[str]) -> dict[str, bytes]:
     """The bytes of ``members`` of the committed shard's tar."""
-    out: dict[str, bytes] = {}
-    with run.fs.open(run.shard_path(IMAGES_DIR, shard), "rb") as stream, tarfile.open(fileobj=stream) as tar:
-        for info in tar:
-            if info.name in members and info.isfile():
-                out[info.name] = tar.extractfile(info).read()  # type: ignore[union-attr]
-    return out
+    with run.fs.open(run.shard_path(IMAGES_DIR, shard), "rb") as stream:
+        return {name: data for name, _, data in scan_images_tar(stream, members=members)}  # type: ignore[misc]
 
 
 def commit_retry(

@@ -8,9 +8,11 @@ A pairs table has the columns :data:`PAIRS_SCHEMA_NAMES`: ``key``, ``image`` (by
 from __future__ import annotations
 
 import os
-import tarfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from capfilt.stages.select import Selection
 
 PAIRS_SCHEMA_NAMES = ("key", "image", "captions", "source")
 
@@ -52,58 +54,36 @@ def web_pairs(path: Path) -> Any:
     )
 
 
-def _tar_images(path: Path) -> dict[str, bytes]:
-    """``key -> image bytes`` of one webdataset shard (json sidecars skipped)."""
-    images: dict[str, bytes] = {}
-    with tarfile.open(path) as tar:
-        for member in tar.getmembers():
-            if member.isfile() and not member.name.endswith(".json"):
-                handle = tar.extractfile(member)
-                if handle is not None:
-                    images[member.name.rsplit(".", 1)[0]] = handle.read()
-    return images
-
-
-def selected_pairs(
-    pipeline_dir: Path, *, threshold: float | None, keep_web: bool, keep_synthetic: int
-) -> Any:
-    """Pairs a selection rule keeps from a pipeline run's samples, with their downloaded images.
+def selected_pairs(pipeline_dir: Path, rule: Selection) -> Any:
+    """Pairs ``rule`` keeps from a pipeline run's samples, with their downloaded images.
 
     One row per kept text (a web text and a synthetic caption of the same image are two rows,
-    as they are two pairs in BLIP's D); the rule is :func:`capfilt.stages.select.select_table`.
+    as they are two pairs in BLIP's D): :func:`capfilt.rundir.read.kept_texts` of the samples
+    re-selected by :meth:`capfilt.stages.select.Selection.apply`.
     """
     import pyarrow.parquet as pq
 
-    from capfilt.stages import write as writer
-    from capfilt.stages.select import select_table
+    from capfilt.rundir import committed_shards, images_path, samples_path
+    from capfilt.rundir.read import kept_texts, member_key, scan_images_tar
 
     keys: list[str] = []
     images: list[bytes] = []
     captions: list[list[str]] = []
     sources: list[str] = []
-    for shard in sorted(writer.committed_shards(pipeline_dir)):
-        samples = select_table(
-            pq.read_table(writer.samples_path(pipeline_dir, shard)),
-            threshold=threshold, keep_web=keep_web, keep_synthetic=keep_synthetic,
-        )  # fmt: skip
-        tar = writer.images_path(pipeline_dir, shard)
-        shard_images = _tar_images(tar) if tar.is_file() else {}
-        for row in samples.select(
-            ["key", "web_text", "web_kept", "synthetic_texts", "synthetic_kept"]
-        ).to_pylist():
-            texts = [(row["web_text"], "web")] if row["web_kept"] else []
-            pairs = zip(row["synthetic_texts"] or [], row["synthetic_kept"] or [], strict=True)
-            texts += [(text, "synthetic") for text, kept in pairs if kept]
-            if not texts:
-                continue
-            image = shard_images.get(row["key"])
+    for shard in sorted(committed_shards(pipeline_dir)):
+        samples = rule.apply(pq.read_table(samples_path(pipeline_dir, shard)))
+        tar = images_path(pipeline_dir, shard)
+        shard_images = (
+            {member_key(name): data for name, _, data in scan_images_tar(tar)} if tar.is_file() else {}
+        )
+        for key, text, source, _ in kept_texts(samples):
+            image = shard_images.get(key)
             if image is None:
-                raise RuntimeError(f"{tar}: no image for kept sample {row['key']!r}")
-            for text, source in texts:
-                keys.append(row["key"])
-                images.append(image)
-                captions.append([text])
-                sources.append(source)
+                raise RuntimeError(f"{tar}: no image for kept sample {key!r}")
+            keys.append(key)
+            images.append(image)
+            captions.append([text])
+            sources.append(source)
     return _pairs_table(keys, images, captions, sources)
 
 

@@ -246,15 +246,18 @@ class Bootstrap:
 
     def variant_pairs(self, variant: str, r: int = 1) -> Any:
         """The web part of an ablation variant's data, cut from round ``r``'s pipeline output."""
-        flt = self.cfg.pipeline.filter
-        k = flt.keep_synthetic
+        from dataclasses import replace
+
+        from capfilt.stages.select import Selection
+
+        capfilt = Selection.from_filter(self.cfg.pipeline.filter)
         rules = {
-            "raw": {"threshold": None, "keep_web": True, "keep_synthetic": 0},
-            "filter": {"threshold": flt.threshold, "keep_web": True, "keep_synthetic": 0},
-            "captioner": {"threshold": None, "keep_web": True, "keep_synthetic": k},
-            "capfilt": {"threshold": flt.threshold, "keep_web": flt.keep_web, "keep_synthetic": k},
+            "raw": replace(capfilt, threshold=None, keep_web=True, keep_synthetic=0),
+            "filter": replace(capfilt, keep_web=True, keep_synthetic=0),
+            "captioner": replace(capfilt, threshold=None, keep_web=True),
+            "capfilt": capfilt,
         }
-        return selected_pairs(self.round_dir(r) / "pipeline", **rules[variant])
+        return selected_pairs(self.round_dir(r) / "pipeline", rules[variant])
 
     def _ablation_pretrain_step(self, variant: str) -> Callable[[Path, bool], None]:
         def run(staging: Path, resuming: bool) -> None:

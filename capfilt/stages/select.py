@@ -30,13 +30,16 @@ CLIP scores (``web_clip``, ``synthetic_clip``; :mod:`capfilt.stages.clip`) exten
   total, web text included, best ``rank_by`` score first (ties: the web text, then caption
   order). BLIP-2's recipe is ``rank_by="clip", top_n=2`` with ``keep_synthetic >= K``.
 
-:func:`selection_options` maps a pipeline config to these arguments.
+:class:`Selection` holds these arguments as one value; ``Selection.from_config`` reads them
+from a pipeline config (:func:`selection_options` gives them as keyword arguments).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -204,27 +207,60 @@ def select(
     return out
 
 
-def selection_options(cfg: Any) -> dict[str, Any]:
-    """The keyword arguments of :func:`select` for a pipeline config (the one place that maps them).
+@dataclass(frozen=True)
+class Selection:
+    """The selection rule as one value: what the pipeline's select step, the bootstrap's data
+    variants and ``capfilt export``/``report`` use (module docstring for each field).
 
-    Without a filter (captioner-only CapFilt) every synthetic caption may be kept and no ITM
-    threshold applies; CLIP's threshold and the ranking options apply whenever they are set.
+    ``Selection.from_config(cfg)`` reads it from a pipeline config; :meth:`options` gives the
+    keyword arguments of :func:`select` and :func:`select_table`; :meth:`apply` re-applies it
+    to a samples table.
     """
-    f = cfg.filter
-    if f is not None:
-        options: dict[str, Any] = {
-            "threshold": f.threshold,
-            "keep_web": f.keep_web,
-            "keep_synthetic": f.keep_synthetic,
-        }
-    else:
-        caption = cfg.caption
-        every = caption.num_captions * len(caption.model_ids) if caption is not None else 0
-        options = {"threshold": None, "keep_web": True, "keep_synthetic": every}
-    options["clip_threshold"] = cfg.clip.threshold if cfg.clip is not None else None
-    options["rank_by"] = cfg.select.rank_by
-    options["top_n"] = cfg.select.top_n
-    return options
+
+    threshold: float | None
+    keep_web: bool = True
+    keep_synthetic: int = 1
+    clip_threshold: float | None = None
+    rank_by: str = "itm"
+    top_n: int | None = None
+
+    @classmethod
+    def from_filter(cls, flt: Any) -> Selection:
+        """The ITM part of the rule from a filter section (``threshold``, ``keep_web``, ``keep_synthetic``)."""
+        return cls(threshold=flt.threshold, keep_web=flt.keep_web, keep_synthetic=flt.keep_synthetic)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Selection:
+        """The rule of a pipeline config (the one place that maps config to rule).
+
+        Without a filter (captioner-only CapFilt) every synthetic caption may be kept and no ITM
+        threshold applies; CLIP's threshold and the ranking options apply whenever they are set.
+        """
+        if cfg.filter is not None:
+            rule = cls.from_filter(cfg.filter)
+        else:
+            caption = cfg.caption
+            every = caption.num_captions * len(caption.model_ids) if caption is not None else 0
+            rule = cls(threshold=None, keep_web=True, keep_synthetic=every)
+        return dataclasses.replace(
+            rule,
+            clip_threshold=cfg.clip.threshold if cfg.clip is not None else None,
+            rank_by=cfg.select.rank_by,
+            top_n=cfg.select.top_n,
+        )
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`select` / :func:`select_table`."""
+        return dataclasses.asdict(self)
+
+    def apply(self, table: pa.Table) -> pa.Table:
+        """:func:`select_table` with this rule."""
+        return select_table(table, **self.options())
+
+
+def selection_options(cfg: Any) -> dict[str, Any]:
+    """The keyword arguments of :func:`select` for a pipeline config: ``Selection.from_config(cfg).options()``."""
+    return Selection.from_config(cfg).options()
 
 
 SCORE_COLUMNS = ("web_itm", "synthetic_itm", "web_clip", "synthetic_clip")

@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 
 from capfilt.errors import UserError
 from capfilt.guards import inside
-from capfilt.rundir import (  # noqa: F401 - re-exported: export, report and bootstrap import them from here
+from capfilt.rundir import (  # noqa: F401 - re-exported: dedup, bootstrap.summary and tests import them from here
     DATASET_DIR,
     DATASET_SCHEMA,
     IMAGE_META_COLUMNS,
@@ -64,7 +64,6 @@ from capfilt.rundir import (  # noqa: F401 - re-exported: export, report and boo
     SAMPLES_DIR,
     SHARD_COLUMN,
     SHARD_META_KEY,
-    SHARD_RE,
     HashingWriter,
     RunDir,
     clean_partial,
@@ -73,12 +72,12 @@ from capfilt.rundir import (  # noqa: F401 - re-exported: export, report and boo
     images_path,
     input_fingerprint,
     samples_path,
+    shard_counts,
     shard_stem,
     summarize,
 )
+from capfilt.rundir.read import kept_texts, scan_images_tar, shard_files
 from capfilt.stages.status import Status
-
-_SHARD_RE = SHARD_RE
 
 
 def _column(rows: pa.Table, name: str, type_: pa.DataType, default: Any) -> pa.Array:
@@ -126,26 +125,14 @@ def dataset_table(samples: pa.Table, *, shard: int, image_ext: str = "jpg") -> p
     """One row per kept pair of a shard: its web text if kept, then its kept synthetic captions."""
     columns: dict[str, list[Any]] = {name: [] for name in DATASET_SCHEMA.names}
     tar = f"{IMAGES_DIR}/{shard_stem(shard)}.tar"
-    for row in samples.select(
-        ["key", "web_text", "web_itm", "web_kept", "synthetic_texts", "synthetic_itm", "synthetic_kept"]
-    ).to_pylist():
-        pairs: list[tuple[str, str, float]] = []
-        if row["web_kept"]:
-            pairs.append((row["web_text"], "web", row["web_itm"]))
-        scores = row["synthetic_itm"] or []
-        for j, (text, kept) in enumerate(
-            zip(row["synthetic_texts"] or [], row["synthetic_kept"] or [], strict=True)
-        ):
-            if kept:
-                pairs.append((text, "synthetic", scores[j] if j < len(scores) else math.nan))
-        for text, source, itm in pairs:
-            columns["key"].append(row["key"])
-            columns["text"].append(text)
-            columns["source"].append(source)
-            columns["itm"].append(math.nan if itm is None else itm)
-            columns["shard"].append(shard)
-            columns["image_tar"].append(tar)
-            columns["image_member"].append(f"{row['key']}.{image_ext}")
+    for key, text, source, itm in kept_texts(samples):
+        columns["key"].append(key)
+        columns["text"].append(text)
+        columns["source"].append(source)
+        columns["itm"].append(itm)
+        columns["shard"].append(shard)
+        columns["image_tar"].append(tar)
+        columns["image_member"].append(f"{key}.{image_ext}")
     return pa.table(columns, schema=DATASET_SCHEMA)
 
 
@@ -267,7 +254,7 @@ def write_shard(
         rows=samples.num_rows,
         images=images,
         pairs=dataset.num_rows,
-        counts=_shard_counts(samples, dataset),
+        counts=shard_counts(samples.column("status"), dataset.column("source")),
     )
 
 
@@ -308,14 +295,6 @@ def write_parts(block: pa.Table, *, run: RunDir) -> pa.Table:
 def _read_part(run: RunDir, path: str) -> pa.Table:
     with run.fs.open(path, "rb") as stream:
         return pq.read_table(stream)
-
-
-def _shard_counts(samples: pa.Table, dataset: pa.Table) -> dict[str, Any]:
-    return {
-        "rows": samples.num_rows,
-        "status": {i["values"]: i["counts"] for i in pc.value_counts(samples.column("status")).to_pylist()},
-        "kept": {i["values"]: i["counts"] for i in pc.value_counts(dataset.column("source")).to_pylist()},
-    }
 
 
 def commit_shard(
@@ -361,7 +340,7 @@ def commit_shard(
 
 
 def _read_shards(directory: Path, columns: Iterable[str] | None = None) -> pa.Table | None:
-    files = sorted(p for p in directory.glob("shard-*.parquet") if SHARD_RE.match(p.name))
+    files = shard_files(directory)
     if not files:
         return None
     tables = [pq.read_table(p, columns=list(columns) if columns is not None else None) for p in files]
@@ -379,19 +358,13 @@ def read_dataset(run_dir: Path, *, with_images: bool = False) -> pa.Table | None
     table = _read_shards(run_dir / DATASET_DIR)
     if table is None or not with_images:
         return table
-    cache: dict[str, dict[str, bytes]] = {}
+    cache: dict[str, dict[str, bytes]] = {}  # one tar at a time: rows come grouped by shard
     images: list[bytes] = []
     for tar_name, member in zip(
         table.column("image_tar").to_pylist(), table.column("image_member").to_pylist(), strict=True
     ):
         if tar_name not in cache:
-            with tarfile.open(inside(run_dir, tar_name, what="image_tar")) as tar:
-                cache = {
-                    tar_name: {
-                        m.name: tar.extractfile(m).read()  # type: ignore[union-attr]
-                        for m in tar.getmembers()
-                        if m.isfile() and not m.name.endswith(".json")
-                    }
-                }
+            path = inside(run_dir, tar_name, what="image_tar")
+            cache = {tar_name: {name: data for name, _, data in scan_images_tar(path)}}  # type: ignore[misc]
         images.append(cache[tar_name][member])
     return table.append_column("image", pa.array(images, type=pa.binary()))

@@ -24,7 +24,9 @@ from PIL import Image
 from support import THRESHOLD, make_bootstrap, make_run
 
 from capfilt.errors import UserError
-from capfilt.export import EXPORT_SCHEMA, collect_stats, export, resolve_run
+from capfilt.export import EXPORT_SCHEMA, export
+from capfilt.rundir.read import collect_stats, resolve_run
+from capfilt.stages.select import Selection
 
 
 @pytest.fixture
@@ -272,6 +274,16 @@ def test_bad_arguments_are_user_errors(
     run_dir, _ = run
     with pytest.raises(UserError, match=message):
         export(run_dir, tmp_path / "out", **kwargs)
+
+
+def test_run_view_reads_the_selection_rule_of_the_run(run: tuple[Path, dict[str, Any]]) -> None:
+    run_dir, _ = run
+    rule = resolve_run(run_dir).selection()
+    assert rule == Selection(threshold=THRESHOLD, keep_web=True, keep_synthetic=2)
+    (run_dir / "config.yaml").write_text(
+        "filter: {threshold: 0.3}\n", encoding="utf-8"
+    )  # not a pipeline config
+    assert resolve_run(run_dir).selection() is None
 
 
 def test_not_a_run_directory(tmp_path: Path) -> None:

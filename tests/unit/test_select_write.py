@@ -15,9 +15,10 @@ import pytest
 
 from capfilt.errors import UserError
 from capfilt.pipeline import finish_batch, shard_sizes
-from capfilt.rundir import RunDir
+from capfilt.rundir import RunDir, shard_number
+from capfilt.rundir.read import kept_texts, scan_images_tar
 from capfilt.stages import write
-from capfilt.stages.select import object_array, select, select_table
+from capfilt.stages.select import Selection, object_array, select, select_table
 
 NAN = math.nan
 
@@ -66,6 +67,59 @@ def test_select_table_rethresholds_stored_scores() -> None:
     assert strict.column("web_kept").to_pylist() == [False] * 5
     assert strict.column("synthetic_kept").to_pylist() == [[False] * 3, [False, True], [], [], [False]]
     assert strict.column("web_itm").to_pylist()[0] == 0.5, "scores are kept, only flags change"
+
+
+def test_selection_value_applies_the_same_rule_as_select_table() -> None:
+    batch = scored_batch()
+    table = pa.table({k: list(v) if v.dtype == object else v for k, v in batch.items()})
+    rule = Selection(threshold=0.5, keep_web=False, keep_synthetic=2)
+    assert rule.options() == {
+        "threshold": 0.5,
+        "keep_web": False,
+        "keep_synthetic": 2,
+        "clip_threshold": None,
+        "rank_by": "itm",
+        "top_n": None,
+    }
+    applied = rule.apply(table)
+    direct = select_table(table, threshold=0.5, keep_web=False, keep_synthetic=2)
+    for name in ("web_kept", "synthetic_kept"):
+        assert applied.column(name).equals(direct.column(name))
+    assert applied.column("synthetic_kept").to_pylist()[:2] == [[False, True, True], [True, True]]
+
+
+def test_kept_texts_expands_the_flags_web_first_then_caption_order() -> None:
+    table = pa.table(
+        {
+            "key": ["a", "b", "c"],
+            "web_text": ["a dog", "a cat", "x"],
+            "web_itm": [0.9, None, 0.1],
+            "web_kept": [True, False, False],
+            "synthetic_texts": [["s0", "s1", "s2"], ["t0"], []],
+            "synthetic_itm": [[0.1, 0.8, 0.7], [], []],
+            "synthetic_kept": [[False, True, True], [True], []],
+        }
+    )
+    got = list(kept_texts(table))
+    assert got[:3] == [
+        ("a", "a dog", "web", 0.9),
+        ("a", "s1", "synthetic", 0.8),
+        ("a", "s2", "synthetic", 0.7),
+    ]
+    key, text, source, itm = got[3]
+    assert (key, text, source) == ("b", "t0", "synthetic") and math.isnan(itm)  # not scored: NaN
+    assert len(got) == 4
+
+
+def test_shard_number_reads_every_shard_name() -> None:
+    assert shard_number("shard-00007.parquet") == 7
+    assert shard_number("shard-00007.tar") is None
+    assert shard_number("shard-00007.tar", suffix=".tar") == 7
+    assert shard_number("shard-00007", suffix="") == 7
+    assert shard_number("shard-00007") is None
+    assert shard_number("shard-123456.x.tmp", suffix=None) == 123456
+    assert shard_number("shard-0007.parquet") is None  # fewer than five digits
+    assert shard_number(".shard-00007.parquet.tmp", suffix=None) is None
 
 
 def test_finish_batch_types_columns_and_drops_pixels_even_when_stages_were_skipped() -> None:
@@ -213,6 +267,25 @@ def test_write_shard_writes_one_sample_per_row_images_and_kept_pairs(tmp_path: P
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     with_images = write.read_dataset(tmp_path, with_images=True)
     assert with_images.column("image")[0].as_py() == image
+
+
+def test_scan_images_tar_reads_images_only_some_or_headers_only(tmp_path: Path) -> None:
+    rows = pa.table(
+        {
+            "key": ["a", "b", "c"],
+            "url": ["u"] * 3,
+            "web_text": ["t"] * 3,
+            "status": ["ok", "ok", "download_failed"],
+            "error": ["", "", "HTTP 404"],
+            "image": [b"AAAA", b"BB", b""],
+        }
+    )
+    write.write_shard(tmp_path, 0, rows)
+    tar = write.images_path(tmp_path, 0)
+    assert list(scan_images_tar(tar)) == [("a.jpg", 4, b"AAAA"), ("b.jpg", 2, b"BB")]  # no json sidecars
+    with open(tar, "rb") as stream:
+        assert list(scan_images_tar(stream, members={"b.jpg"})) == [("b.jpg", 2, b"BB")]
+    assert list(scan_images_tar(tar, read=False)) == [("a.jpg", 4, None), ("b.jpg", 2, None)]
 
 
 def test_write_shard_handles_a_shard_where_every_row_failed(tmp_path: Path) -> None:

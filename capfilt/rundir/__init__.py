@@ -115,9 +115,25 @@ DATASET_SCHEMA = pa.schema(
 """One row per kept (image, text) pair: ``dataset/shard-NNNNN.parquet``."""
 
 
-SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
-"""Names of committed samples (and dataset) files; group 1 is the shard number."""
-_SHARD_FILE_RE = re.compile(r"^shard-(\d{5,})\.")
+SHARD_RE = re.compile(r"^shard-(\d{5,})(\.[^/]+)?$")
+"""Every shard name: ``shard-NNNNN`` (a shard's ``_parts/`` or staging directory) or
+``shard-NNNNN.EXT`` (its files); group 1 is the shard number, group 2 the extension.
+:func:`shard_number` is how callers read it."""
+
+
+def shard_number(name: str, suffix: str | None = ".parquet") -> int | None:
+    """The shard number of file or directory ``name``, or None when it is not a shard name.
+
+    ``suffix``: the extension it must have (``".parquet"``: samples and dataset files,
+    ``".tar"``, ``""``: a bare ``shard-NNNNN`` directory); None accepts any extension.
+    """
+    match = SHARD_RE.match(name)
+    if match is None:
+        return None
+    ext = match.group(2) or ""
+    if bool(ext) if suffix is None else ext == suffix:
+        return int(match.group(1))
+    return None
 
 
 def shard_stem(shard: int) -> str:
@@ -306,7 +322,7 @@ class RunDir:
 
     def committed_shards(self) -> set[int]:
         """Shards whose samples file exists, i.e. that a rerun must skip."""
-        return {int(m.group(1)) for name in self._names(SAMPLES_DIR) if (m := SHARD_RE.match(name))}
+        return {n for name in self._names(SAMPLES_DIR) if (n := shard_number(name)) is not None}
 
     def clean_partial(self) -> list[str]:
         """Remove what an interrupted run left: parts, temporary files, files of uncommitted shards.
@@ -318,8 +334,8 @@ class RunDir:
         for sub in SHARD_DIRS:
             for name in self._names(sub):
                 stale = name.startswith(".") and name.endswith(".tmp")
-                match = _SHARD_FILE_RE.match(name)
-                if stale or (match and int(match.group(1)) not in done):
+                number = shard_number(name, suffix=None)
+                if stale or (number is not None and number not in done):
                     path = self.path(sub, name)
                     self.remove([path])
                     removed.append(path)
@@ -349,11 +365,7 @@ class RunDir:
             status = pq.read_table(stream, columns=["status"]).column("status")
         with self.fs.open(self.shard_path(DATASET_DIR, shard), "rb") as stream:
             source = pq.read_table(stream, columns=["source"]).column("source")
-        return {
-            "rows": len(status),
-            "status": {i["values"]: i["counts"] for i in pc.value_counts(status).to_pylist()},
-            "kept": {i["values"]: i["counts"] for i in pc.value_counts(source).to_pylist()},
-        }
+        return shard_counts(status, source)
 
     def summarize(self, known: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
         """Counts over every committed shard; ``known`` holds counts already computed elsewhere
@@ -365,6 +377,17 @@ class RunDir:
         known = known or {}
         shards = sorted(self.committed_shards())
         return merge_counts([known[s] if s in known else self.shard_counts(s) for s in shards])
+
+
+def value_counts(column: pa.Array | pa.ChunkedArray) -> dict[str, int]:
+    """``value -> rows`` of a string column (statuses, sources): the one status count."""
+    return {i["values"]: i["counts"] for i in pc.value_counts(column).to_pylist()}
+
+
+def shard_counts(status: pa.Array | pa.ChunkedArray, source: pa.Array | pa.ChunkedArray) -> dict[str, Any]:
+    """A shard's counts from its samples ``status`` and dataset ``source`` columns: rows, rows by
+    status, kept pairs by source (what manifest.json sums with :func:`merge_counts`)."""
+    return {"rows": len(status), "status": value_counts(status), "kept": value_counts(source)}
 
 
 def merge_counts(items: Iterable[dict[str, Any]]) -> dict[str, Any]:
