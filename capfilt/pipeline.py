@@ -783,7 +783,10 @@ def run(cfg: PipelineConfig, *, dry_run: bool = False, retry: str | None = None)
     if dry_run:
         print(plan.describe())
         return None
-    check_models(cfg)  # corrupt checkpoints and max_length: one line before Ray starts
+    if cfg.caption is not None or cfg.filter is not None:
+        # Corrupt checkpoints and max_length: one line before Ray starts. Only with models: it
+        # imports model.med and so torch (~190 MB of driver RSS a download-only run does not need).
+        check_models(cfg)
 
     started = _now()
     t0 = time.perf_counter()
