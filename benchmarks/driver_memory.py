@@ -177,7 +177,9 @@ class DriverProbe:
     (``get_all_reference_counts``) and Python's gc object count; with ``CAPFILT_DRIVER_PROBE_GC=1``
     the 25 most numerous types; with ``CAPFILT_DRIVER_TRACEMALLOC=1`` the Python-allocated bytes
     and, when the DAG has finished (``executed``), the 30 allocation sites that grew most since the
-    first sample taken after Ray started (native allocations, e.g. Ray's C++ core, are not traced: compare the
+    first sample taken after Ray started; with ``CAPFILT_DRIVER_PROBE_REFS=1`` Ray's memory summary
+    (the object refs held, with their call sites under ``RAY_record_ref_creation_sites=1``) at that
+    moment, in PATH.refs.txt (native allocations, e.g. Ray's C++ core, are not traced: compare the
     traced growth with the RSS growth to tell them apart).
     """
 
@@ -226,6 +228,12 @@ class DriverProbe:
                      "where": [f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in d.traceback][-4:]}
                     for d in diff[:30]
                 ]  # fmt: skip
+        if event == "executed" and ray is not None and os.environ.get("CAPFILT_DRIVER_PROBE_REFS") == "1":
+            # what the driver still holds when the DAG is done (call sites with
+            # RAY_record_ref_creation_sites=1), next to PATH
+            from ray._private.internal_api import memory_summary
+
+            Path(f"{self.path}.refs.txt").write_text(memory_summary(stats_only=False, num_entries=200))
         with open(self.path, "a", encoding="utf-8") as out:
             out.write(json.dumps(record) + "\n")
 
