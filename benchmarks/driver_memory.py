@@ -279,7 +279,9 @@ def driver_main(stats_path: Path, argv: list[str]) -> None:
 
         def executed(ds: Any) -> Any:  # the end of _execute: the DAG has finished, Ray is still up
             probe.write("executed")
-            return stage_stats(ds)
+            stats = stage_stats(ds)
+            probe.write("stage_stats")
+            return stats
 
         pipeline._stage_stats = executed
     app(argv)
