@@ -39,6 +39,11 @@ Usage::
     python benchmarks/driver_memory.py --quick          # 200 and 1,000 image rows, 20,000 metadata rows
     python benchmarks/driver_memory.py --rows 2000 --meta-rows 100000 --modes download,metadata
 
+Diagnosis (not part of the figures): ``CAPFILT_DRIVER_PROBE=PATH`` makes the driver write a JSON
+line every ``CAPFILT_DRIVER_PROBE_S`` seconds (default 20) to PATH: RSS, modules, the object refs
+it holds, gc objects (see :class:`DriverProbe` for ``CAPFILT_DRIVER_PROBE_GC``,
+``CAPFILT_DRIVER_TRACEMALLOC`` and ``CAPFILT_DRIVER_PROBE_REFS``).
+
 Writes ``OUT/results.json`` and prints the table. A measurement, not a test: exit code 0 whatever
 the figures; ``--strict`` exits 1 when a target is missed.
 """
