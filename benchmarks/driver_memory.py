@@ -39,6 +39,11 @@ Usage::
     python benchmarks/driver_memory.py --quick          # 200 and 1,000 image rows, 20,000 metadata rows
     python benchmarks/driver_memory.py --rows 2000 --meta-rows 100000 --modes download,metadata
 
+Diagnosis (not part of the figures): ``CAPFILT_DRIVER_PROBE=PATH`` makes the driver write a JSON
+line every ``CAPFILT_DRIVER_PROBE_S`` seconds (default 20) to PATH: RSS, modules, the object refs
+it holds, gc objects (see :class:`DriverProbe` for ``CAPFILT_DRIVER_PROBE_GC``,
+``CAPFILT_DRIVER_TRACEMALLOC`` and ``CAPFILT_DRIVER_PROBE_REFS``).
+
 Writes ``OUT/results.json`` and prints the table. A measurement, not a test: exit code 0 whatever
 the figures; ``--strict`` exits 1 when a target is missed.
 """
@@ -151,17 +156,139 @@ def install_receive_counter(stats: dict[str, int]) -> None:
     Worker.deserialize_objects = counting
 
 
+HEAVY_MODULES = (
+    "torch",
+    "transformers",
+    "pandas",
+    "PIL",
+    "scipy",
+    "sklearn",
+    "img2dataset",
+    "cv2",
+    "albumentations",
+)
+
+
+def _rss_mb() -> float:
+    return proc_status(os.getpid()).get("VmRSS", 0) / MB
+
+
+class DriverProbe:
+    """Where the driver's memory goes (``--probe`` / ``CAPFILT_DRIVER_PROBE=PATH``): a diagnosis
+    aid, not part of the figures (tracemalloc slows the driver).
+
+    A daemon thread appends one JSON line per ``interval`` seconds to PATH: RSS, modules loaded
+    (the heavy ones by name), the object refs the driver's core worker counts
+    (``get_all_reference_counts``) and Python's gc object count; with ``CAPFILT_DRIVER_PROBE_GC=1``
+    the 25 most numerous types; with ``CAPFILT_DRIVER_TRACEMALLOC=1`` the Python-allocated bytes
+    and, when the DAG has finished (``executed``), the 30 allocation sites that grew most since the
+    first sample taken after Ray started; with ``CAPFILT_DRIVER_PROBE_REFS=1`` Ray's memory summary
+    (the object refs held, with their call sites under ``RAY_record_ref_creation_sites=1``) at that
+    moment, in PATH.refs.txt (native allocations, e.g. Ray's C++ core, are not traced: compare the
+    traced growth with the RSS growth to tell them apart).
+    """
+
+    def __init__(self, path: Path, interval: float) -> None:
+        self.path, self.interval = path, interval
+        self.by_type = os.environ.get("CAPFILT_DRIVER_PROBE_GC") == "1"
+        self.trace = os.environ.get("CAPFILT_DRIVER_TRACEMALLOC") == "1"
+        self.first: Any = None
+        self.t0 = time.perf_counter()
+        if self.trace:
+            import tracemalloc
+
+            tracemalloc.start(8)
+
+    def write(self, event: str, **extra: Any) -> None:
+        import gc
+
+        record: dict[str, Any] = {"t": round(time.perf_counter() - self.t0, 1), "event": event,
+                                  "rss_mb": round(_rss_mb(), 1), "modules": len(sys.modules),
+                                  "heavy": [m for m in HEAVY_MODULES if m in sys.modules], **extra}  # fmt: skip
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            try:
+                record["refs"] = len(ray._private.worker.global_worker.core_worker.get_all_reference_counts())
+            except Exception as err:  # noqa: BLE001 - a diagnosis aid
+                record["refs"] = repr(err)
+        objects = gc.get_objects()
+        record["gc_objects"] = len(objects)
+        if self.by_type:
+            counts: dict[str, int] = {}
+            for obj in objects:
+                name = type(obj).__qualname__
+                counts[name] = counts.get(name, 0) + 1
+            record["types"] = dict(sorted(counts.items(), key=lambda kv: -kv[1])[:25])
+        del objects
+        if self.trace:
+            import tracemalloc
+
+            record["traced_mb"] = round(tracemalloc.get_traced_memory()[0] / MB, 1)
+            if self.first is None and ray is not None and ray.is_initialized():
+                self.first = tracemalloc.take_snapshot()
+            if event == "executed" and self.first is not None:
+                diff = tracemalloc.take_snapshot().compare_to(self.first, "traceback")
+                record["growth"] = [
+                    {"kb": round(d.size_diff / 1024), "count": d.count_diff,
+                     "where": [f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in d.traceback][-4:]}
+                    for d in diff[:30]
+                ]  # fmt: skip
+        if event == "executed" and ray is not None and os.environ.get("CAPFILT_DRIVER_PROBE_REFS") == "1":
+            # what the driver still holds when the DAG is done (call sites with
+            # RAY_record_ref_creation_sites=1), next to PATH
+            from ray._private.internal_api import memory_summary
+
+            Path(f"{self.path}.refs.txt").write_text(memory_summary(stats_only=False, num_entries=200))
+        with open(self.path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(record) + "\n")
+
+    def start(self) -> None:
+        def loop() -> None:
+            while True:
+                time.sleep(self.interval)
+                try:
+                    self.write("sample")
+                except Exception as err:  # noqa: BLE001 - a diagnosis aid never ends the run
+                    print(f"probe: {err!r}", file=sys.stderr)
+
+        threading.Thread(target=loop, daemon=True, name="driver-probe").start()
+
+
 def driver_main(stats_path: Path, argv: list[str]) -> None:
     """``capfilt ARGV`` in this process, with the receive counter; the counts go to ``stats_path``."""
     stats = {"objects": 0, "bytes": 0, "image_bytes": 0, "largest_object": 0}
+    probe_path = os.environ.get("CAPFILT_DRIVER_PROBE")
+    probe = (
+        DriverProbe(Path(probe_path), float(os.environ.get("CAPFILT_DRIVER_PROBE_S", "20")))
+        if probe_path
+        else None
+    )
+    if probe:
+        probe.write("start")
     install_receive_counter(stats)
 
     def dump() -> None:
         stats_path.write_text(json.dumps(stats), encoding="utf-8")
+        if probe:
+            probe.write("exit")
 
     atexit.register(dump)
     from capfilt.cli import app
 
+    if probe:
+        probe.write("imported")
+        probe.start()
+        import capfilt.pipeline as pipeline
+
+        stage_stats = pipeline._stage_stats
+
+        def executed(ds: Any) -> Any:  # the end of _execute: the DAG has finished, Ray is still up
+            probe.write("executed")
+            stats = stage_stats(ds)
+            probe.write("stage_stats")
+            return stats
+
+        pipeline._stage_stats = executed
     app(argv)
 
 

@@ -52,18 +52,19 @@ def _user_errors(fn):
         from capfilt.errors import UserError, user_os_error
 
         try:
-            from model.med import CheckpointError
-        except ImportError:  # pragma: no cover - model package always ships with capfilt
-            CheckpointError = UserError  # noqa: N806
-        try:
             return fn(*args, **kwargs)
-        except (UserError, CheckpointError) as err:
+        except UserError as err:
             message = str(err)
-        except OSError as err:
-            user = user_os_error(err)
-            if user is None:
+        except Exception as err:
+            # model.med imports torch (~190 MB): only look CheckpointError up once it can exist (an
+            # instance of it means its module is loaded), so `capfilt run`'s driver never imports it.
+            med = sys.modules.get("model.med")
+            if med is not None and isinstance(err, med.CheckpointError):
+                message = str(err)
+            elif isinstance(err, OSError) and (user := user_os_error(err)) is not None:
+                message = str(user)
+            else:
                 raise
-            message = str(user)
         typer.echo(f"error: {' '.join(message.split())}", err=True)
         raise typer.Exit(2)
 
