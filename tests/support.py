@@ -583,3 +583,17 @@ def _nan_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_nan_safe(v) for v in value)
     return value
+
+
+def load_benchmark(name: str) -> Any:
+    """``benchmarks/NAME.py`` imported as a module (benchmarks/ is not a package)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "ablation.py"
+from support import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ablation() -> Any:
-    spec = importlib.util.spec_from_file_location("ablation_bench", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ablation")
 
 
 def _run(raw: float, capfilt: float, cider_raw: float, cider_capfilt: float) -> dict[str, dict[str, Any]]:

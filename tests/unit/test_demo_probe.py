@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import save_tiny_model
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "demo_probe.py"
+from support import load_benchmark, save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def probe() -> Any:
-    spec = importlib.util.spec_from_file_location("demo_probe_bench", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("demo_probe")
 
 
 def test_probe_reports_captions_filter_auc_and_selection_per_threshold(

@@ -6,29 +6,20 @@ is not run by the tests; these check what its figures are computed with.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "driver_memory.py"
+from support import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench() -> Any:
-    spec = importlib.util.spec_from_file_location("driver_memory", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("driver_memory")
 
 
 def jpeg() -> bytes:
