@@ -3,7 +3,8 @@
 Used to choose the bootstrap demo's step counts (issue #13): after fine-tuning a captioner and a
 filter from some MED_0 (``capfilt train captioner|filter``), how often do the captioner's sampled
 captions name every object right, and how well does the filter separate the web texts by noise
-kind? The same rules as the pipeline, in one process, on the corpus's first ``--n`` web images:
+kind? The pipeline's own stage classes (``Captioner``, ``Filter``, ``select``) with the demo's
+caption and filter settings, in one process (no Ray), on the corpus's first ``--n`` web images:
 
 - captions: nucleus sampling (``--top-p``, ``--k`` per image, the pipeline's per-row seeds and the
   prompt "a picture of "), judged by :func:`capfilt.synth.check_caption`: the share of captions
@@ -23,7 +24,6 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
@@ -48,96 +48,72 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import numpy as np
     import pyarrow.parquet as pq
     import torch
-    from PIL import Image
 
+    from capfilt.bootstrap import load_config
     from capfilt.eval import roc_auc
-    from capfilt.inference import itm_scores, load_med, pixel_values, prompt_ids
-    from capfilt.stages.caption import caption_seed
+    from capfilt.stages.caption import Captioner
+    from capfilt.stages.filter import Filter
+    from capfilt.stages.select import object_array, select
     from capfilt.synth import check_caption
 
     torch.set_num_threads(args.threads)
     web = pq.read_table(Path(args.corpus) / "web.parquet").to_pylist()[: args.n]
-    device, dtype = torch.device("cpu"), torch.float32
     out: dict[str, Any] = {"images": len(web), "k": args.k, "top_p": args.top_p}
-
-    def pixels_at(size: int) -> Any:
-        return np.stack(
-            [np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB").resize((size, size))) for r in web]
-        )
-
-    captions: list[list[str]] | None = None
+    # The pipeline's own stage classes and rule, with the demo's caption/filter settings.
+    demo = load_config(None).pipeline
+    batch: dict[str, Any] = {
+        "key": object_array([r["key"] for r in web]),
+        "image": object_array([r["image"] for r in web]),
+        "web_text": object_array([r["text"] for r in web]),
+        "status": object_array(["ok"] * len(web)),
+        "error": object_array([""] * len(web)),
+    }
+    objects = [r["objects"] for r in web]
     if args.captioner:
-        med, tok = load_med(args.captioner, device=device, dtype=dtype)
-        pix = pixels_at(med.config.image_size)
-        seeds = torch.tensor([caption_seed(0, r["key"]) for r in web])
-        texts: list[str] = []
-        with torch.inference_mode():
-            for s in range(0, len(web), 64):
-                ids = med.generate(
-                    pixel_values(pix[s : s + 64], device=device, dtype=dtype),
-                    prompt_ids=prompt_ids(tok, "a picture of "),
-                    num_captions=args.k,
-                    sample=True,
-                    top_p=args.top_p,
-                    max_length=24,
-                    min_length=5,
-                    seeds=seeds[s : s + 64],
-                )
-                texts += [
-                    " ".join(t.split()) for t in tok.batch_decode(ids.tolist(), skip_special_tokens=True)
-                ]
-        captions = [texts[i * args.k : (i + 1) * args.k] for i in range(len(web))]
-        right = [[check_caption(c, r["objects"]) for c in cs] for cs, r in zip(captions, web, strict=True)]
+        cfg = demo.caption.model_copy(
+            update={"model": args.captioner, "num_captions": args.k, "top_p": args.top_p}
+        )
+        batch = Captioner(cfg).caption(batch)
+        right = [
+            [check_caption(c, o) for c in cs] for cs, o in zip(batch["synthetic_texts"], objects, strict=True)
+        ]
         out["captions_right"] = float(np.mean([x for rr in right for x in rr]))
         out["images_with_a_right_caption"] = float(np.mean([any(rr) for rr in right]))
-        out["examples"] = captions[:3]
+        out["examples"] = [list(c) for c in batch["synthetic_texts"][:3]]
 
     if args.filter_model:
-        med, tok = load_med(args.filter_model, device=device, dtype=dtype)
-        pix = pixels_at(med.config.image_size)
-        with torch.inference_mode():
-            embeds = torch.cat(
-                [
-                    med.encode_image(pixel_values(pix[s : s + 64], device=device, dtype=dtype))
-                    for s in range(0, len(web), 64)
-                ]
-            )
-            web_scores = itm_scores(
-                med, tok, embeds, [r["text"] for r in web], range(len(web)), batch_size=64
-            )[0]
-            syn_scores = ok = owner = None
-            if captions is not None:
-                flat = [c for cs in captions for c in cs]
-                owner = np.array([i for i, cs in enumerate(captions) for _ in cs])
-                syn_scores = itm_scores(med, tok, embeds, flat, owner.tolist(), batch_size=64)[0].numpy()
-                ok = np.array([check_caption(c, web[o]["objects"]) for c, o in zip(flat, owner, strict=True)])
-        scores = web_scores.numpy()
+        batch = Filter(demo.filter.model_copy(update={"model": args.filter_model})).score(batch)
+        scores = np.asarray(batch["web_itm"], dtype=float)
         kinds = np.array([r["noise_type"] for r in web])
         clean = kinds == "clean"
         out["filter_auc"] = {
             k: roc_auc(scores[clean], scores[kinds == k]) for k in sorted(set(kinds)) if k != "clean"
         }
-        if syn_scores is not None and ok.any() and (~ok).any():
-            out["filter_auc"]["synthetic_wrong"] = roc_auc(syn_scores[ok], syn_scores[~ok])
+        if args.captioner:
+            syn = np.array([p for ps in batch["synthetic_itm"] for p in ps], dtype=float)
+            ok = np.array([x for rr in right for x in rr])
+            if ok.any() and (~ok).any():
+                out["filter_auc"]["synthetic_wrong"] = roc_auc(syn[ok], syn[~ok])
         out["selection"] = {}
         for thr in (float(t) for t in args.thresholds.split(",")):
-            kept = scores >= thr
+            kept = select(batch, threshold=thr, keep_web=True, keep_synthetic=1)
+            web_kept = np.asarray(kept["web_kept"], dtype=bool)
             row = {
-                "web_kept": int(kept.sum()),
-                "web_kept_noisy": float((~clean & kept).sum() / max(int(kept.sum()), 1)),
-                "clean_removed": float((clean & ~kept).sum() / max(int(clean.sum()), 1)),
+                "web_kept": int(web_kept.sum()),
+                "web_kept_noisy": float((~clean & web_kept).sum() / max(int(web_kept.sum()), 1)),
+                "clean_removed": float((clean & ~web_kept).sum() / max(int(clean.sum()), 1)),
             }
-            if syn_scores is not None:
-                best_n = best_wrong = 0
-                for i in range(len(web)):
-                    idx = np.flatnonzero(owner == i)
-                    if len(idx) and syn_scores[idx[np.argmax(syn_scores[idx])]] >= thr:
-                        best_n += 1
-                        best_wrong += int(not ok[idx[np.argmax(syn_scores[idx])]])
-                row["synthetic_kept"] = best_n
-                row["synthetic_kept_wrong"] = best_wrong / max(best_n, 1)
-                noisy = int((~clean & kept).sum()) + best_wrong
-                row["kept_set_noisy"] = noisy / max(int(kept.sum()) + best_n, 1)
+            if args.captioner:
+                flags = [
+                    (f, r)
+                    for fs, rr in zip(kept["synthetic_kept"], right, strict=True)
+                    for f, r in zip(fs, rr, strict=True)
+                ]
+                wrong = sum(not r for f, r in flags if f)
+                row["synthetic_kept"] = sum(f for f, _ in flags)
+                row["synthetic_kept_wrong"] = wrong / max(row["synthetic_kept"], 1)
+                noisy = int((~clean & web_kept).sum()) + wrong
+                row["kept_set_noisy"] = noisy / max(int(web_kept.sum()) + row["synthetic_kept"], 1)
             out["selection"][f"{thr:g}"] = row
         out["raw_web_noisy"] = float((~clean).mean())
     print(json.dumps(out))
