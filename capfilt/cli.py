@@ -1,7 +1,7 @@
 """The `capfilt` command line: parses, validates, dispatches. No logic of its own.
 
 Every command imports its module lazily so `capfilt --help` stays fast, and turns the errors
-meant for users (`capfilt.errors.UserError`, `model.med.CheckpointError`) into one line on
+meant for users (`capfilt.errors.UserError`, `model.errors.CheckpointError`) into one line on
 stderr and exit code 2.
 """
 
@@ -41,7 +41,7 @@ SetOpt = Annotated[
 def _user_errors(fn):
     """Print user-facing errors as one line and exit 2 (no traceback).
 
-    User-facing: :class:`capfilt.errors.UserError`, :class:`model.med.CheckpointError`, and
+    User-facing: :class:`capfilt.errors.UserError`, :class:`model.errors.CheckpointError`, and
     an ``OSError`` about the disk or permissions (read-only, full, no access, a path through
     a file; see ``capfilt.errors.USER_ERRNOS``). Any other exception is a bug and keeps its
     traceback.
@@ -50,21 +50,16 @@ def _user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from capfilt.errors import UserError, user_os_error
+        from model.errors import CheckpointError  # torch-free: the driver of `capfilt run` never loads torch
 
         try:
             return fn(*args, **kwargs)
-        except UserError as err:
+        except (UserError, CheckpointError) as err:
             message = str(err)
-        except Exception as err:
-            # model.med imports torch (~190 MB): only look CheckpointError up once it can exist (an
-            # instance of it means its module is loaded), so `capfilt run`'s driver never imports it.
-            med = sys.modules.get("model.med")
-            if med is not None and isinstance(err, med.CheckpointError):
-                message = str(err)
-            elif isinstance(err, OSError) and (user := user_os_error(err)) is not None:
-                message = str(user)
-            else:
+        except OSError as err:
+            if (user := user_os_error(err)) is None:
                 raise
+            message = str(user)
         typer.echo(f"error: {' '.join(message.split())}", err=True)
         raise typer.Exit(2)
 

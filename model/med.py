@@ -40,15 +40,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model import losses as L
+from model.errors import CheckpointError  # noqa: F401 - re-exported: model.med.CheckpointError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "med_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory cannot be loaded as asked (missing files, pickle refused, bad keys)."""
 
 
 # --------------------------------------------------------------------------------------------
