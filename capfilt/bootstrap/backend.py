@@ -9,6 +9,11 @@ not given keep the real implementation) instead of patching module functions.
 
 from __future__ import annotations
 
+import json
+import os
+import threading
+import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
@@ -33,6 +38,99 @@ def train(kind: str, cfg: TrainingConfig, resume: bool) -> Path:
     from capfilt.train import train_model
 
     return train_model(kind, cfg, resume=resume)
+
+
+def train_isolated(kind: str, cfg: TrainingConfig, resume: bool, threads: int) -> Path:
+    """:func:`train` in a child process of its own that uses ``threads`` CPU threads.
+
+    ``capfilt bootstrap`` trains independent models (a round's captioner and filter, the ablation's
+    pre-trainings) at the same time this way: a small MED on CPU keeps one core busy however many
+    threads it is given (measured in benchmarks/README.md, "Concurrent training"), so two
+    one-thread processes do twice the work of one two-thread process. A process, not a thread:
+    training seeds and draws from torch's process-wide RNG, and each run must stay a
+    deterministic function of its config. The child dies with this process; its
+    ``metrics.jsonl`` drives a progress bar here. A :class:`UserError` (or a checkpoint that
+    cannot be loaded) in the child is raised here as a :class:`UserError`; any other failure as
+    a :class:`RuntimeError` with the child's traceback.
+    """
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
+    receive, send = ctx.Pipe(duplex=False)
+    quiet = cfg.model_copy(update={"train": cfg.train.model_copy(update={"progress": False})})
+    child = ctx.Process(
+        target=_train_child,
+        args=(kind, quiet, resume, threads, os.getpid(), send),
+        name=f"capfilt-train-{kind}",
+    )
+    child.start()
+    send.close()
+    metrics = Path(cfg.output.dir) / "metrics.jsonl"
+    bar = tqdm(
+        total=cfg.train.steps, desc=f"{kind} ({threads} thread{'s' if threads != 1 else ''})", unit="step",
+        disable=not cfg.train.progress, dynamic_ncols=True, leave=True,
+    )  # fmt: skip
+    try:
+        while child.is_alive():
+            child.join(timeout=1.0)
+            bar.update(max(0, _last_step(metrics) - bar.n))
+    finally:
+        if child.is_alive():
+            child.terminate()
+            child.join()
+        bar.close()
+    try:
+        outcome = receive.recv() if receive.poll() else ("crash", f"exit code {child.exitcode}", "")
+    except EOFError:  # died before it could say why (killed, out of memory)
+        outcome = ("crash", f"exit code {child.exitcode}", "")
+    receive.close()
+    if outcome is not None:
+        what, message, trace = outcome
+        if what == "user":
+            raise UserError(message)
+        raise RuntimeError(f"{kind} training (child process) failed: {message}\n{trace}".rstrip())
+    return Path(cfg.output.dir)
+
+
+def _last_step(metrics: Path) -> int:
+    """The step of the last complete row of a trainer's metrics.jsonl (0 when none yet)."""
+    try:
+        lines = metrics.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line).get("step", 0))
+        except (ValueError, AttributeError):
+            continue  # a row being written
+    return 0
+
+
+def _train_child(kind: str, cfg: TrainingConfig, resume: bool, threads: int, parent: int, conn: Any) -> None:
+    """Body of :func:`train_isolated`'s process: train, report the outcome through ``conn``."""
+
+    def die_with_parent() -> None:  # a killed bootstrap must not leave trainings writing behind it
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=die_with_parent, daemon=True).start()
+    import torch
+
+    from model.errors import CheckpointError
+
+    torch.set_num_threads(threads)
+    try:
+        train(kind, cfg, resume)
+    except (UserError, CheckpointError) as err:
+        conn.send(("user", str(err), ""))
+        raise SystemExit(1) from None
+    except BaseException as err:  # noqa: BLE001 - reported to the parent, then this process exits
+        conn.send(("error", f"{type(err).__name__}: {err}", traceback.format_exc()))
+        raise SystemExit(1) from None
+    conn.send(None)
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path | None:
@@ -93,6 +191,8 @@ class Backend:
     """``make_corpus(out, images=, seed=, noise=, size=, world=, human_images=, test_images=, progress=)``."""
     train: Callable[[str, TrainingConfig, bool], Path] = train
     """``train(kind, cfg, resume)``: writes ``cfg.output.dir`` (``model/``, and ``hf/`` but for pretrain)."""
+    train_isolated: Callable[[str, TrainingConfig, bool, int], Path] = train_isolated
+    """``train_isolated(kind, cfg, resume, threads)``: the same, in a process of its own with ``threads`` threads."""
     run_pipeline: Callable[[PipelineConfig], Path | None] = run_pipeline
     evaluate: Callable[..., dict[str, Any]] = evaluate
     """``evaluate(model_path, test_path, batch_size=, k_test=, num_beams=, ...)``."""

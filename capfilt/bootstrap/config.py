@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -204,6 +204,14 @@ class BootstrapConfig(_Section):
     )
     ensemble: EnsembleSection = Field(default_factory=EnsembleSection)
     ablation: bool = False
+    concurrent_training: bool | Literal["auto"] = Field(
+        default="auto",
+        description=(
+            "Train independent models at the same time, each in its own process with a share of the "
+            "cores (a round's captioners and filters; the ablation's pre-trainings). auto: when "
+            "training runs on CPU (no CUDA device)."
+        ),
+    )
     output: BootstrapOutput = Field(default_factory=BootstrapOutput)
 
     @model_validator(mode="after")
@@ -215,7 +223,7 @@ class BootstrapConfig(_Section):
         return self
 
 
-FREE_FIELDS = {"rounds", "ablation", "output"}
+FREE_FIELDS = {"rounds", "ablation", "output", "concurrent_training"}
 """Fields that may change between a run and its rerun without changing what was written."""
 
 

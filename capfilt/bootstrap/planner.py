@@ -8,6 +8,10 @@
               loopback) -> D_r = human + kept web + kept synthetic -> pre-train MED_r on D_r
               (from scratch, BLIP Table 13, or continuing MED_{r-1}) -> evaluate MED_r
 
+A round's captioner(s) and filter(s) depend only on MED_{r-1}, and the ablation's pre-trainings
+only on round 1's output: with ``concurrent_training`` (on CPU by default) each such group trains
+at the same time, one process per model with a share of the cores.
+
 Every step writes into a hidden staging path next to its artifact (``round-1/.filter.partial``)
 and is committed by an atomic rename to ``round-1/filter`` followed by an atomic rewrite of
 ``RUN/state.json``. A rerun skips committed steps and restarts at the first unfinished one,
@@ -35,6 +39,7 @@ Run directory::
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -86,6 +91,8 @@ class Bootstrap:
         self.run_dir = run_dir
         self.progress = progress
         self.backend = backend
+        self.slots = training_slots(cfg.concurrent_training)
+        """How many trainings of a group run at once (1: one after the other, in this process)."""
         corpus = cfg.corpus
         if corpus.synthetic:
             root = Path(corpus.dir) if corpus.dir else run_dir / "corpus"
@@ -117,8 +124,14 @@ class Bootstrap:
         cfg = self.cfg
         steps: list[Step] = []
 
-        def add(name: str, target: Path, run: Callable[[Path, bool], None], resumable: bool = True) -> None:
-            steps.append(Step(name=name, target=target, run=run, resumable=resumable))
+        def add(
+            name: str,
+            target: Path,
+            run: Callable[[Path, bool], None],
+            resumable: bool = True,
+            group: str | None = None,
+        ) -> None:
+            steps.append(Step(name=name, target=target, run=run, resumable=resumable, group=group))
 
         if cfg.corpus.synthetic and not cfg.corpus.dir:
             add("corpus", self.run_dir / "corpus", self._corpus_step, resumable=False)
@@ -126,19 +139,31 @@ class Bootstrap:
         add("round-0/eval", self.round_dir(0) / "eval.json", self._eval_step(0), resumable=False)
         for r in range(1, rounds + 1):
             rd = self.round_dir(r)
+            threads = self.threads_per_training(cfg.ensemble.captioners + cfg.ensemble.filters)
             for kind, count in (("captioner", cfg.ensemble.captioners), ("filter", cfg.ensemble.filters)):
                 for i in range(count):
                     name = self.member_name(kind, i)
-                    add(f"round-{r}/{name}", rd / name, self._finetune_step(kind, r, i))
+                    run = self._finetune_step(kind, r, i, threads)
+                    add(f"round-{r}/{name}", rd / name, run, group=f"round-{r}/fine-tune")
             add(f"round-{r}/pipeline", rd / "pipeline", self._pipeline_step(r))
             add(f"round-{r}/pretrain", rd / "pretrain", self._pretrain_step(r))
             add(f"round-{r}/eval", rd / "eval.json", self._eval_step(r), resumable=False)
         if ablation:
-            for variant in self.ablation_variants_to_train():
+            variants = self.ablation_variants_to_train()
+            threads = self.threads_per_training(len(variants))
+            for variant in variants:
                 base = self.run_dir / "ablation" / variant
-                add(f"ablation/{variant}/pretrain", base / "pretrain", self._ablation_pretrain_step(variant))
+                run = self._ablation_pretrain_step(variant, threads)
+                add(f"ablation/{variant}/pretrain", base / "pretrain", run, group="ablation/pretrain")
+            for variant in variants:
+                base = self.run_dir / "ablation" / variant
                 add(f"ablation/{variant}/eval", base / "eval.json", self._ablation_eval_step(variant), False)
         return steps
+
+    def threads_per_training(self, group_size: int) -> int | None:
+        """CPU threads for each training of a group of ``group_size`` run at once (None: in this process)."""
+        at_once = min(group_size, self.slots)
+        return None if at_once <= 1 else max(1, available_cores() // at_once)
 
     def _corpus_step(self, staging: Path, resuming: bool) -> None:
         drawn = {"images", "human_images", "test_images", "seed", "noise", "size", "world"}
@@ -155,11 +180,13 @@ class Bootstrap:
         seed: int,
         staging: Path,
         resuming: bool,
+        threads: int | None = None,
     ) -> None:
         """Train ``kind`` on ``data`` into ``staging`` (continuing its newest checkpoint when resuming).
 
         The step's :class:`~capfilt.train.TrainingConfig` goes to the trainer as an object; its YAML
         is written next to the output (``bootstrap-train.yaml``) only as the record of what ran.
+        ``threads``: train in a process of its own with that many CPU threads (a concurrent group).
         """
         from model.train import list_checkpoints
 
@@ -178,9 +205,12 @@ class Bootstrap:
             for child in staging.iterdir():
                 if child.name not in ("bootstrap-train.yaml", "data"):
                     remove_path(child)
-        self.backend.train(kind, config, resume)
+        if threads is None:
+            self.backend.train(kind, config, resume)
+        else:
+            self.backend.train_isolated(kind, config, resume, threads)
 
-    def _finetune_step(self, kind: str, r: int, i: int) -> Callable[[Path, bool], None]:
+    def _finetune_step(self, kind: str, r: int, i: int, threads: int | None) -> Callable[[Path, bool], None]:
         settings = self.cfg.captioner if kind == "captioner" else self.cfg.filter
 
         def run(staging: Path, resuming: bool) -> None:
@@ -192,6 +222,7 @@ class Bootstrap:
                 seed=settings.train.seed + 1000 * r + i,
                 staging=staging,
                 resuming=resuming,
+                threads=threads,
             )
 
         return run
@@ -206,7 +237,9 @@ class Bootstrap:
 
         return run
 
-    def _pretrain(self, data: Path, *, init: str, staging: Path, resuming: bool) -> None:
+    def _pretrain(
+        self, data: Path, *, init: str, staging: Path, resuming: bool, threads: int | None = None
+    ) -> None:
         settings = self.cfg.pretrain
         self._train(
             "pretrain",
@@ -216,6 +249,7 @@ class Bootstrap:
             seed=settings.train.seed,
             staging=staging,
             resuming=resuming,
+            threads=threads,
         )
 
     def pretrain_pairs(self, r: int) -> Any:
@@ -259,7 +293,7 @@ class Bootstrap:
         }
         return selected_pairs(self.round_dir(r) / "pipeline", rules[variant])
 
-    def _ablation_pretrain_step(self, variant: str) -> Callable[[Path, bool], None]:
+    def _ablation_pretrain_step(self, variant: str, threads: int | None) -> Callable[[Path, bool], None]:
         def run(staging: Path, resuming: bool) -> None:
             import pyarrow as pa
 
@@ -272,7 +306,7 @@ class Bootstrap:
                 )
             # Same budget and start as round 1's MED: only the data differs.
             init = "scratch" if self.cfg.from_scratch else str(self.model_dir(0))
-            self._pretrain(data, init=init, staging=staging, resuming=resuming)
+            self._pretrain(data, init=init, staging=staging, resuming=resuming, threads=threads)
 
         return run
 
@@ -459,7 +493,7 @@ def run_bootstrap(
     # Ray is started by each pipeline step (capfilt.pipeline.run), not here: an idle Ray would
     # take CPU from the training steps, and an already initialised Ray is joined as is.
     try:
-        run_steps(steps, state, echo=echo)
+        run_steps(steps, state, echo=echo, max_parallel=boot.slots)
     finally:
         if any(run_dir.glob("round-*/eval.json")):
             write_metrics(run_dir)
@@ -478,6 +512,30 @@ def run_bootstrap(
     if report is not None:
         print(f"report: {report}", flush=True)
     return run_dir
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def training_slots(setting: bool | str) -> int:
+    """How many independent trainings run at once for ``concurrent_training`` = ``setting``.
+
+    False: one. True: one per core. ``auto``: one per core when training runs on CPU, else one (a
+    GPU is not shared between trainings unless asked).
+    """
+    if setting is False:
+        return 1
+    if setting == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return 1
+    return available_cores()
 
 
 def _check_inputs(cfg: BootstrapConfig) -> None:

@@ -4,8 +4,11 @@ Every step writes into a hidden staging path next to its artifact (``round-1/.fi
 and is committed by an atomic rename to ``round-1/filter`` followed by an atomic rewrite of
 ``RUN/state.json`` (:class:`State`). A rerun skips committed steps and restarts at the first
 unfinished one, whose staging output is either discarded (cheap steps) or handed to the step's
-own resume (``resumable``). :data:`FAIL_AFTER_ENV` and :data:`FAIL_DURING_ENV` inject a crash at
-a named step, for the tests that check a rerun recovers.
+own resume (``resumable``). Consecutive steps that share a ``group`` do not depend on each other
+and run at the same time, one thread each (the bootstrap's training steps of a group each run in a
+process of their own, see :func:`capfilt.bootstrap.backend.train_isolated`); each is committed as
+soon as it is done. :data:`FAIL_AFTER_ENV` and :data:`FAIL_DURING_ENV` inject a crash at a named
+step, for the tests that check a rerun recovers.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,12 +54,14 @@ class Step:
     ``target`` is where the artifact lives once committed (a directory or a file). With
     ``resumable`` a leftover staging path from an interrupted run is handed back to ``run``
     (``resuming=True``), which continues it; otherwise it is deleted and the step starts over.
+    Steps next to each other with the same ``group`` run at the same time (:func:`run_steps`).
     """
 
     name: str
     target: Path
     run: Callable[[Path, bool], None]
     resumable: bool = False
+    group: str | None = None
 
     @property
     def staging(self) -> Path:
@@ -77,12 +84,15 @@ class State:
     def done(self, name: str) -> bool:
         return bool(self.steps.get(name, {}).get("done"))
 
-    def mark(self, name: str, seconds: float | None) -> None:
+    def mark(self, name: str, seconds: float | None, *, order: Sequence[str] = ()) -> None:
+        """Record ``name`` as committed; ``order`` (the run's step names) keeps the file in step order."""
         self.steps[name] = {
             "done": True,
             "seconds": None if seconds is None else round(seconds, 2),
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
+        rank = {n: i for i, n in enumerate(order)}
+        self.steps = dict(sorted(self.steps.items(), key=lambda item: rank.get(item[0], len(rank))))
         atomic_write_text(self.path, json.dumps({"version": 1, "steps": self.steps}, indent=2) + "\n")
 
 
@@ -93,27 +103,37 @@ def _fault(variable: str, name: str) -> None:
 
 
 def run_steps(
-    steps: Sequence[Step], state: State, *, echo: Callable[[str], None] = print
+    steps: Sequence[Step],
+    state: State,
+    *,
+    echo: Callable[[str], None] = print,
+    max_parallel: int = 1,
 ) -> dict[str, float]:
     """Run the steps in order, skipping committed ones; returns seconds of the steps run now.
 
     A step counts as committed when state.json says so AND its artifact exists. An artifact that
     exists without a state entry was renamed into place just before a crash: renaming is the
     last thing a step does, so it is complete and only its state entry is written now.
+
+    Consecutive steps with the same ``group`` run at the same time, at most ``max_parallel`` at
+    once (one thread each); each is committed when it finishes. When one of them fails the others
+    still finish and are committed, then the first failure (in step order) is raised.
     """
     ran: dict[str, float] = {}
     total = len(steps)
-    for index, step in enumerate(steps, start=1):
-        if step.target.exists():
-            if not state.done(step.name):
-                state.mark(step.name, None)
-            echo(f"[{index}/{total}] {step.name}: done, skipped")
-            continue
+    order = [step.name for step in steps]
+    lock = threading.Lock()
+
+    def say(text: str) -> None:
+        with lock:
+            echo(text)
+
+    def execute(index: int, step: Step) -> None:
         staging = step.staging
         resuming = staging.exists() and step.resumable
         if staging.exists() and not resuming:
             remove_path(staging)
-        echo(f"\n=== [{index}/{total}] {step.name}{' (resuming)' if resuming else ''} ===")
+        say(f"\n=== [{index}/{total}] {step.name}{' (resuming)' if resuming else ''} ===")
         started = time.perf_counter()
         staging.parent.mkdir(parents=True, exist_ok=True)
         step.run(staging, resuming)
@@ -122,10 +142,39 @@ def run_steps(
         _fault(FAIL_DURING_ENV, step.name)
         os.replace(staging, step.target)
         seconds = time.perf_counter() - started
-        state.mark(step.name, seconds)
-        ran[step.name] = seconds
-        echo(f"=== {step.name}: {seconds:.1f}s ===")
+        with lock:
+            state.mark(step.name, seconds, order=order)
+            ran[step.name] = seconds
+            echo(f"=== {step.name}: {seconds:.1f}s ===")
         _fault(FAIL_AFTER_ENV, step.name)
+
+    position = 0
+    while position < total:
+        block_end = position + 1
+        group = steps[position].group
+        while group is not None and block_end < total and steps[block_end].group == group:
+            block_end += 1
+        pending: list[tuple[int, Step]] = []
+        for index in range(position + 1, block_end + 1):
+            step = steps[index - 1]
+            if step.target.exists():
+                if not state.done(step.name):
+                    state.mark(step.name, None, order=order)
+                echo(f"[{index}/{total}] {step.name}: done, skipped")
+            else:
+                pending.append((index, step))
+        position = block_end
+        if len(pending) <= 1 or max_parallel <= 1:
+            for index, step in pending:
+                execute(index, step)
+            continue
+        with ThreadPoolExecutor(
+            max_workers=min(max_parallel, len(pending)), thread_name_prefix="step"
+        ) as pool:
+            futures = [pool.submit(execute, index, step) for index, step in pending]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]
     return ran
 
 

@@ -415,3 +415,89 @@ def test_real_med_captioner_loss_falls(tmp_path: Path, corpus: Path) -> None:
     losses = [r["loss_lm"] for r in read_metrics(out)]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5  # 4.1 -> 2.3 here; smoothing floors it
+
+
+# ---- training in a child process (capfilt bootstrap's concurrent groups) -----------------------
+
+
+def test_isolated_training_equals_in_process_and_reports_errors_as_here(tmp_path: Path, corpus: Path) -> None:
+    """``train_isolated`` trains in a spawned process with its own RNG and thread count: the same
+    weights as the same config trained here (up to float summation order), a UserError in the
+    child arrives as a UserError, and a crash as a RuntimeError that says what happened."""
+    from capfilt.bootstrap.backend import train_isolated
+    from capfilt.config import load_model
+    from capfilt.errors import UserError
+    from capfilt.train import TrainingConfig, run_training
+
+    here = run_training("pretrain", write_config(tmp_path / "a.yaml", corpus, tmp_path / "here"))
+    cfg = load_model(TrainingConfig, write_config(tmp_path / "b.yaml", corpus, tmp_path / "child"))
+    assert train_isolated("pretrain", cfg, False, 1) == tmp_path / "child"
+    a = load_file(str(here / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "child" / "model" / "model.safetensors"))
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
+    assert [r["step"] for r in read_metrics(tmp_path / "child")] == [1, 2, 3, 4]
+
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        train_isolated("pretrain", cfg, False, 1)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really parquet")
+    bad = cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": [
+        cfg.data.sources[0].model_copy(update={"path": str(broken)})]}),
+        "output": cfg.output.model_copy(update={"dir": str(tmp_path / "bad")})})  # fmt: skip
+    with pytest.raises((UserError, RuntimeError), match="broken.parquet|Parquet|parquet"):
+        train_isolated("pretrain", bad, False, 1)
+
+
+def test_isolated_training_dies_with_its_parent(tmp_path: Path, corpus: Path) -> None:
+    """kill -9 of the process that started a child training (a bootstrap) stops the child too:
+    nothing keeps writing into a staging directory that a rerun will take over."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def children(pid: int) -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited meanwhile
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+        return found
+
+    def alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state != "Z"
+
+    config = write_config(tmp_path / "c.yaml", corpus, tmp_path / "long")
+    config.write_text(config.read_text().replace("steps: 4", "steps: 100000"))
+    script = (
+        "import sys; from capfilt.bootstrap.backend import train_isolated\n"
+        "from capfilt.config import load_model; from capfilt.train import TrainingConfig\n"
+        f"train_isolated('pretrain', load_model(TrainingConfig, {str(config)!r}), False, 1)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2])
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "long" / "metrics.jsonl").is_file():  # the child is training
+            assert parent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        spawned = children(parent.pid)
+        assert spawned
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while any(alive(pid) for pid in spawned) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in spawned if alive(pid)], "a child still runs after its parent was killed"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
