@@ -51,14 +51,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     work = args.work or Path(tempfile.mkdtemp(prefix="capfilt-concurrent-"))
     corpus = work / "corpus"
     if not (corpus / "human.parquet").is_file():
-        make_corpus(corpus, images=50, human_images=200, test_images=10, seed=0, size=32, world="demo", progress=False)
+        make_corpus(
+            corpus, images=50, human_images=200, test_images=10, seed=0, size=32, world="demo", progress=False
+        )
     human = corpus / "human.parquet"
 
     def config(name: str, init: ModelSection, steps: int):
         if name != "base":
             shutil.rmtree(work / name, ignore_errors=True)  # a rerun measures afresh
         out = settings.training_config(model=init, data=human, out=work / name, seed=0, progress=False)
-        return out.model_copy(update={"train": out.train.model_copy(update={"steps": steps, "save_every": steps})})
+        return out.model_copy(
+            update={"train": out.train.model_copy(update={"steps": steps, "save_every": steps})}
+        )
 
     base = work / "base"
     if not (base / "model").is_dir():  # a short pre-training to start the fine-tunes from

@@ -8,7 +8,9 @@ caption and filter settings, in one process (no Ray), on the corpus's first ``--
 
 - captions: nucleus sampling (``--top-p``, ``--k`` per image, the pipeline's per-row seeds and the
   prompt "a picture of "), judged by :func:`capfilt.synth.check_caption`: the share of captions
-  that pass and the share of images with at least one that passes;
+  that pass and the share of images with at least one that passes; the share per number of
+  objects in the image, and on one-object images what was wrong (colour, shape: which shape was
+  named for which, or no object named);
 - filter: ITM match probability of each web text; ROC-AUC of clean texts against each noise kind;
   and, per threshold, what the selection rule (keep_web, keep_synthetic=1: the best caption if it
   passes) keeps and how noisy the kept web texts, kept captions and the whole kept set are.
@@ -79,6 +81,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ]
         out["captions_right"] = float(np.mean([x for rr in right for x in rr]))
         out["images_with_a_right_caption"] = float(np.mean([any(rr) for rr in right]))
+        out["captions_right_by_objects"], out["single_object_errors"] = _by_objects(
+            batch["synthetic_texts"], objects, right
+        )
         out["examples"] = [list(c) for c in batch["synthetic_texts"][:3]]
 
     if args.filter_model:
@@ -118,6 +123,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["raw_web_noisy"] = float((~clean).mean())
     print(json.dumps(out))
     return out
+
+
+def _by_objects(
+    captions: Any, objects: list[Any], right: list[list[bool]]
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Captions right per number of objects; on one-object images, counts of what went wrong."""
+    from collections import Counter
+
+    from capfilt.synth import _as_objects, caption_pairs
+
+    by_count: dict[int, list[bool]] = {}
+    errors: Counter[str] = Counter()
+    for texts, objs, rr in zip(captions, objects, right, strict=True):
+        truth = sorted(set(_as_objects(objs)))
+        by_count.setdefault(len(truth), []).extend(rr)
+        if len(truth) != 1:
+            continue
+        (colour, shape) = truth[0]
+        for text, ok in zip(texts, rr, strict=True):
+            if ok:
+                continue
+            stated = caption_pairs(text)
+            if not stated:
+                errors["no object named"] += 1
+                continue
+            said_colour, said_shape = stated[0]
+            if said_shape != shape:
+                errors[f"shape {shape} -> {said_shape}"] += 1
+            if said_colour != colour:
+                errors["colour wrong"] += 1
+            if said_shape == shape and said_colour == colour:
+                errors["an extra object"] += 1
+    return (
+        {f"{n} object{'s' if n != 1 else ''}": sum(v) / len(v) for n, v in sorted(by_count.items()) if v},
+        dict(errors.most_common()),
+    )
 
 
 if __name__ == "__main__":

@@ -44,9 +44,10 @@ def train_isolated(kind: str, cfg: TrainingConfig, resume: bool, threads: int) -
     """:func:`train` in a child process of its own that uses ``threads`` CPU threads.
 
     ``capfilt bootstrap`` trains independent models (a round's captioner and filter, the ablation's
-    pre-trainings) at the same time this way: a small MED on CPU keeps one core busy however many
-    threads it is given (measured in benchmarks/README.md, "Concurrent training"), so two
-    one-thread processes do twice the work of one two-thread process. A process, not a thread:
+    pre-trainings) at the same time this way: a small MED on CPU does not use many threads well,
+    so on 2 cores two one-thread processes do 1.14-1.18x the work of two two-thread runs one after
+    the other (benchmarks/concurrent_training.py; benchmarks/README.md, "Concurrent training"). A
+    process, not a thread:
     training seeds and draws from torch's process-wide RNG, and each run must stay a
     deterministic function of its config. The child dies with this process; its
     ``metrics.jsonl`` drives a progress bar here. A :class:`UserError` (or a checkpoint that

@@ -33,6 +33,11 @@ def test_probe_reports_captions_filter_auc_and_selection_per_threshold(
     assert out["images"] == 30 and out["k"] == 2
     assert 0.0 <= out["captions_right"] <= out["images_with_a_right_caption"] <= 1.0
     assert len(out["examples"]) == 3 and all(len(c) == 2 for c in out["examples"])
+    # per number of objects: the corpus's first 30 web images have one or two objects each
+    assert set(out["captions_right_by_objects"]) <= {"1 object", "2 objects"}
+    assert all(0.0 <= v <= 1.0 for v in out["captions_right_by_objects"].values())
+    wrong_single = sum(out["single_object_errors"].values())
+    assert wrong_single >= 1 and all(n >= 1 for n in out["single_object_errors"].values())
     assert set(out["filter_auc"]) >= {"junk", "mismatched", "wrong_attribute"}
     everything, nothing = out["selection"]["0"], out["selection"]["1.01"]
     # threshold 0 keeps every web text and one caption per image; above 1 nothing passes
@@ -40,3 +45,27 @@ def test_probe_reports_captions_filter_auc_and_selection_per_threshold(
     assert everything["web_kept_noisy"] == pytest.approx(out["raw_web_noisy"])
     assert nothing["web_kept"] == 0 and nothing["synthetic_kept"] == 0 and nothing["clean_removed"] == 1.0
     assert 0.0 <= out["selection"]["0.5"]["kept_set_noisy"] <= 1.0
+
+
+def test_by_objects_counts_rates_per_object_count_and_single_object_errors(probe: Any) -> None:
+    from capfilt.synth import check_caption
+
+    one = [{"color": "red", "shape": "circle"}]
+    two = [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "star"}]
+    captions = [
+        [
+            "a red square",
+            "a blue circle",
+            "a red circle",
+            "a gray background",
+            "a red circle and a green star",
+        ],
+        ["a red circle and a blue star", "a red circle"],
+    ]
+    objects = [json.dumps(one), json.dumps(two)]
+    right = [[check_caption(c, o) for c in cs] for cs, o in zip(captions, objects, strict=True)]
+    rates, errors = probe._by_objects(captions, objects, right)
+    assert rates == {"1 object": 0.2, "2 objects": 0.5}
+    assert errors == {
+        "shape circle -> square": 1, "colour wrong": 1, "no object named": 1, "an extra object": 1,
+    }  # fmt: skip
