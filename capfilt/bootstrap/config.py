@@ -102,15 +102,23 @@ class StepTraining(_Section):
     augment: AugmentSection = Field(default_factory=AugmentSection)
     max_length: TokenLimit = 35
     num_workers: LoaderWorkers = 0
+    captions: Literal["expand", "sample"] = Field(
+        default="expand",
+        description=(
+            "A row with several captions (a human image and its references): expand = one item per "
+            "caption; sample = one item per image, one of its captions drawn per visit. Web and "
+            "synthetic pairs are one caption per row either way."
+        ),
+    )
 
     def training_config(
         self, *, model: ModelSection, data: Path, out: Path, seed: int, progress: bool
     ) -> TrainingConfig:
-        """The step's training config: every caption of ``data`` (Parquet) is an item of its own."""
+        """The step's training config on ``data`` (Parquet), its captions taken as ``captions`` says."""
         return TrainingConfig(
             model=model,
             data=DataSection(
-                sources=[SourceSection(path=str(data), format="parquet", captions="expand")],
+                sources=[SourceSection(path=str(data), format="parquet", captions=self.captions)],
                 augment=self.augment,
                 max_length=self.max_length,
                 num_workers=self.num_workers,

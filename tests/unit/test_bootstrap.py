@@ -446,9 +446,11 @@ def test_training_steps_get_the_demo_settings_as_the_config_object_they_record(
         assert cfg.train.batch_size == 32 and cfg.optim.lr == 1e-3 and cfg.optim.clip_grad_norm == 5.0
         assert cfg.data.max_length == 32 and cfg.data.num_workers == 0
         assert not cfg.data.augment.random_resized_crop and cfg.data.augment.randaugment_ops == 0
+        # Pre-training draws one of a human image's captions per visit (an image is one item, as a
+        # web image is); the fine-tunes take every reference caption as an item of its own.
         assert [(s.path, s.format, s.captions) for s in cfg.data.sources] == [
             (str(staging / "data" / "pairs.parquet") if kind == "pretrain" else str(run / "corpus" / "human.parquet"),
-             "parquet", "expand")
+             "parquet", "sample" if kind == "pretrain" else "expand")
         ]  # fmt: skip
     steps = [
         (cfg.train.steps, cfg.train.seed, cfg.train.save_every, cfg.optim.warmup_steps) for _, cfg in received
