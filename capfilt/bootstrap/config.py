@@ -136,6 +136,13 @@ class PretrainStep(StepTraining):
         default=True,
         description="Round 0 also pre-trains on the raw web pairs (BLIP's first model sees them).",
     )
+    round0_captions: Literal["expand", "sample"] | None = Field(
+        default=None,
+        description=(
+            "``captions`` for round 0 only (MED_0, which the captioners and filters start from); "
+            "None: as ``captions``. When it differs, the ablation pre-trains its own raw row."
+        ),
+    )
 
 
 def _rounds_own_model(value: Any) -> Any:

@@ -233,14 +233,24 @@ class Bootstrap:
             if not data.is_file():
                 write_pairs(self.pretrain_pairs(r), data, seed=self.cfg.pretrain.train.seed + r)
             init = "scratch" if r == 0 or self.cfg.from_scratch else str(self.model_dir(r - 1))
-            self._pretrain(data, init=init, staging=staging, resuming=resuming)
+            captions = self.cfg.pretrain.round0_captions if r == 0 else None
+            self._pretrain(data, init=init, staging=staging, resuming=resuming, captions=captions)
 
         return run
 
     def _pretrain(
-        self, data: Path, *, init: str, staging: Path, resuming: bool, threads: int | None = None
+        self,
+        data: Path,
+        *,
+        init: str,
+        staging: Path,
+        resuming: bool,
+        threads: int | None = None,
+        captions: str | None = None,
     ) -> None:
         settings = self.cfg.pretrain
+        if captions is not None:
+            settings = settings.model_copy(update={"captions": captions})
         self._train(
             "pretrain",
             settings,
@@ -268,10 +278,12 @@ class Bootstrap:
         """Whether MED_0 already is the ablation's raw variant (so it is not pre-trained twice).
 
         True when round 0 pre-trains from scratch on human + raw web pairs with the same settings
-        as every later pre-training: that is exactly the raw row's data and budget.
+        as every later pre-training (``pretrain.round0_captions`` unset or equal to ``captions``):
+        that is exactly the raw row's data and budget.
         """
         cfg = self.cfg
-        return cfg.from_scratch and cfg.pretrain.round0_web and self.corpus.web_pairs is not None
+        same_items = cfg.pretrain.round0_captions in (None, cfg.pretrain.captions)
+        return cfg.from_scratch and cfg.pretrain.round0_web and same_items and self.corpus.web_pairs is not None
 
     def ablation_variants_to_train(self) -> list[str]:
         """Variants with their own pre-training (capfilt is round 1's; raw may be round 0's)."""

@@ -446,11 +446,11 @@ def test_training_steps_get_the_demo_settings_as_the_config_object_they_record(
         assert cfg.train.batch_size == 32 and cfg.optim.lr == 1e-3 and cfg.optim.clip_grad_norm == 5.0
         assert cfg.data.max_length == 32 and cfg.data.num_workers == 0
         assert not cfg.data.augment.random_resized_crop and cfg.data.augment.randaugment_ops == 0
-        # Pre-training draws one of a human image's captions per visit (an image is one item, as a
-        # web image is); the fine-tunes take every reference caption as an item of its own.
+        # MED_1 draws one of a human image's captions per visit (an image is one item, as a web image
+        # is); MED_0 (round0_captions) and the fine-tunes take every reference as an item of its own.
         assert [(s.path, s.format, s.captions) for s in cfg.data.sources] == [
             (str(staging / "data" / "pairs.parquet") if kind == "pretrain" else str(run / "corpus" / "human.parquet"),
-             "parquet", "sample" if kind == "pretrain" else "expand")
+             "parquet", "sample" if kind == "pretrain" and cfg is not received[0][1] else "expand")
         ]  # fmt: skip
     steps = [
         (cfg.train.steps, cfg.train.seed, cfg.train.save_every, cfg.optim.warmup_steps) for _, cfg in received
@@ -518,7 +518,7 @@ def test_ablation_raw_row_is_med0_when_round0_trains_on_raw_web(tmp_path: Path, 
     """MED_0 (scratch, human + raw web, the same pretrain settings) is the raw row: not trained twice."""
     import pyarrow.parquet as pq
 
-    run = _run(tmp_path / "run", ablation=True)
+    run = _run(tmp_path / "run", "pretrain.round0_captions=null", ablation=True)
     assert not (run / "ablation" / "raw").exists()
     assert sorted(p.name for p in (run / "ablation").iterdir()) == ["captioner", "filter"]
     round0 = (
@@ -530,10 +530,15 @@ def test_ablation_raw_row_is_med0_when_round0_trains_on_raw_web(tmp_path: Path, 
     assert round0 != sorted(round0, key=lambda source: source != "human")
     raw = json.loads((run / "ablation.json").read_text())["variants"][0]
     assert raw["variant"] == "raw" and raw["pairs"] == 30
-    # Not equal when round 0 is not that model: the raw variant gets its own pre-training again.
-    for extra in ("pretrain.round0_web=false", "from_scratch=false"):
-        other = _run(tmp_path / extra.split(".")[-1], extra, ablation=True)
+    # Not equal when round 0 is not that model: the raw variant gets its own pre-training again. The
+    # demo's round0_captions (expand, against sample for every later pre-training) is such a case.
+    for extra in ("pretrain.round0_web=false", "from_scratch=false", "pretrain.round0_captions=expand"):
+        other = _run(tmp_path / extra.split(".")[-1], "pretrain.round0_captions=null", extra, ablation=True)
         assert (other / "ablation" / "raw" / "eval.json").is_file()
+        if extra.endswith("expand"):
+            recorded = (other / "ablation" / "raw" / "pretrain" / "bootstrap-train.yaml").read_text()
+            assert "captions: sample" in recorded
+            assert "captions: expand" in (other / "round-0" / "pretrain" / "bootstrap-train.yaml").read_text()
 
 
 def test_ablation_variants_differ_only_in_selection(tmp_path: Path, no_faults: None) -> None:
