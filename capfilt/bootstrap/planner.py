@@ -283,7 +283,9 @@ class Bootstrap:
         """
         cfg = self.cfg
         same_items = cfg.pretrain.round0_captions in (None, cfg.pretrain.captions)
-        return cfg.from_scratch and cfg.pretrain.round0_web and same_items and self.corpus.web_pairs is not None
+        return (
+            cfg.from_scratch and cfg.pretrain.round0_web and same_items and self.corpus.web_pairs is not None
+        )
 
     def ablation_variants_to_train(self) -> list[str]:
         """Variants with their own pre-training (capfilt is round 1's; raw may be round 0's)."""
