@@ -537,10 +537,12 @@ def available_cores() -> int:
 
 
 def training_slots(setting: bool | str) -> int:
-    """How many independent trainings run at once for ``concurrent_training`` = ``setting``.
+    """How many independent trainings may run at once for ``concurrent_training`` = ``setting``.
 
-    False: one. True: one per core. ``auto``: one per core when training runs on CPU, else one (a
-    GPU is not shared between trainings unless asked).
+    False: one. True: two per core (a group of three on two cores runs all three with one thread
+    each rather than two, then one on a half-idle machine; one-thread trainings that share a core
+    cost memory, not speed), one on a single core. ``auto``: as True when training runs on CPU,
+    else one (a GPU is not shared between trainings unless asked).
     """
     if setting is False:
         return 1
@@ -549,7 +551,8 @@ def training_slots(setting: bool | str) -> int:
 
         if torch.cuda.is_available():
             return 1
-    return available_cores()
+    cores = available_cores()
+    return 2 * cores if cores > 1 else 1
 
 
 def _check_inputs(cfg: BootstrapConfig) -> None:

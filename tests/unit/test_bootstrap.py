@@ -289,6 +289,33 @@ def test_a_failing_step_of_a_group_lets_the_others_finish_and_commit(tmp_path: P
     ]
 
 
+@pytest.mark.parametrize(
+    ("cores", "setting", "group", "threads"),
+    [
+        (2, True, 2, 1),  # the demo's captioner + filter on this machine: one core each
+        (2, True, 3, 1),  # the ablation's three pre-trainings: all at once, one thread each
+        (4, True, 2, 2),
+        (8, True, 3, 2),
+        (1, True, 2, None),  # one core: one after the other, in this process
+        (4, False, 2, None),
+        (4, True, 1, None),  # a group of one trains in this process
+    ],
+)
+def test_concurrent_training_shares_the_cores_among_a_group(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cores: int,
+    setting: bool,
+    group: int,
+    threads: int | None,
+) -> None:
+    from capfilt.bootstrap.planner import Bootstrap
+
+    monkeypatch.setattr("capfilt.bootstrap.planner.available_cores", lambda: cores)
+    cfg = bootstrap.load_config(None, [*SMALL, f"concurrent_training={str(setting).lower()}"])
+    assert Bootstrap(cfg=cfg, run_dir=tmp_path, backend=FAKES).threads_per_training(group) == threads
+
+
 def test_corrupt_state_file_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / "state.json").write_text("{not json")
     with pytest.raises(UserError, match="state.json"):
