@@ -443,7 +443,11 @@ def _metrics_section(view: RunView) -> str:
     )
     return (
         f"<h2>Bootstrap rounds</h2><p class='sub'>{len(metrics)} finished round(s) from metrics.jsonl; "
-        f"this page's samples and histograms are round {_e(view.round)}.</p>"
+        f"this page's samples and histograms are round {_e(view.round)}. MED_0 is where the captioner "
+        "and the filter start, and may be pre-trained with other settings than later rounds (the demo's "
+        "takes every human caption as an item of its own, <code>pretrain.round0_captions</code>): "
+        "whether CapFilt's data beats the raw web at the same budget is what <code>--ablation</code> "
+        "(and <code>benchmarks/ablation.py</code>, over seeds) measures.</p>"
         f'<div class="charts">{"".join(charts)}</div><p></p><table><tr>{head}</tr>{body}</table>'
     )
 
