@@ -179,12 +179,27 @@ def run_steps(
 
 
 def step_table(steps: Sequence[Step], state: State) -> str:
-    """Seconds per step as recorded in state.json (``-`` for steps committed by an older run)."""
+    """Seconds per step as recorded in state.json (``-`` for steps committed by an older run).
+
+    Steps of one group ran at the same time (marked ``*``): the total counts the longest of them.
+    """
     lines = [f"{'step':<28} {'seconds':>8}"]
     total = 0.0
+    block_group: str | None = None
+    block_max = 0.0
     for step in steps:
         seconds = state.steps.get(step.name, {}).get("seconds")
-        total += seconds or 0.0
-        lines.append(f"{step.name:<28} {'-' if seconds is None else f'{seconds:.1f}':>8}")
+        if step.group is not None and step.group == block_group:
+            block_max = max(block_max, seconds or 0.0)
+        else:
+            total += block_max
+            block_group, block_max = step.group, seconds or 0.0
+        mark = " *" if step.group is not None else ""
+        lines.append(f"{step.name:<28} {'-' if seconds is None else f'{seconds:.1f}':>8}{mark}")
+    total += block_max
     lines.append(f"{'total':<28} {total:>8.1f}")
+    if any(step.group is not None for step in steps):
+        lines.append(
+            "(* trained at the same time as the other * steps next to it; the total counts the longest)"
+        )
     return "\n".join(lines)

@@ -316,6 +316,25 @@ def test_concurrent_training_shares_the_cores_among_a_group(
     assert Bootstrap(cfg=cfg, run_dir=tmp_path, backend=FAKES).threads_per_training(group) == threads
 
 
+def test_step_table_counts_a_group_once_by_its_longest_step(tmp_path: Path) -> None:
+    from capfilt.bootstrap.steps import step_table
+
+    state = State(tmp_path / "state.json")
+    for name, seconds in (("pre", 10.0), ("cap", 30.0), ("filt", 20.0), ("post", 5.0)):
+        state.mark(name, seconds)
+    steps = [
+        Step(name="pre", target=tmp_path / "pre", run=lambda s, r: None),
+        Step(name="cap", target=tmp_path / "cap", run=lambda s, r: None, group="g"),
+        Step(name="filt", target=tmp_path / "filt", run=lambda s, r: None, group="g"),
+        Step(name="post", target=tmp_path / "post", run=lambda s, r: None),
+    ]
+    table = step_table(steps, state).splitlines()
+    assert table[2].endswith("30.0 *") and table[3].endswith("20.0 *") and table[4].endswith("5.0")
+    assert table[5].split() == ["total", "45.0"]  # 10 + max(30, 20) + 5, not 65
+    sequential = [Step(name=s.name, target=s.target, run=s.run) for s in steps]
+    assert step_table(sequential, state).splitlines()[-1].split() == ["total", "65.0"]
+
+
 def test_corrupt_state_file_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / "state.json").write_text("{not json")
     with pytest.raises(UserError, match="state.json"):
