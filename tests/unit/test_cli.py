@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import _thread
 import json
+import signal
 import socket
 import threading
 import urllib.request
@@ -107,12 +108,17 @@ def test_serve_answers_on_loopback_until_interrupted(tmp_path: Path) -> None:
         _thread.interrupt_main()  # Ctrl-C: serve_forever stops the server and returns
 
     thread = threading.Thread(target=client, daemon=True)
+    # interrupt_main() does nothing unless SIGINT has a Python handler; other code in this test
+    # process may have left SIG_DFL/SIG_IGN there (a .ci/run hung here once, the server still up and
+    # the client done), so the test installs Python's own Ctrl-C handler for its duration.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     thread.start()
     try:
         result = CliRunner().invoke(app, ["serve", str(tmp_path), "--port", str(port)])
     finally:
         finished.set()
         thread.join(timeout=70)
+        signal.signal(signal.SIGINT, previous)
     assert fetched == [b"served\n"]
     assert result.exit_code == 0, result.output
     assert f"at http://127.0.0.1:{port}/" in result.stdout and "stopping" in result.stdout
