@@ -39,6 +39,8 @@ def test_probe_reports_captions_filter_auc_and_selection_per_threshold(
     wrong_single = sum(out["single_object_errors"].values())
     assert wrong_single >= 1 and all(n >= 1 for n in out["single_object_errors"].values())
     assert set(out["filter_auc"]) >= {"junk", "mismatched", "wrong_attribute"}
+    if "synthetic_wrong" in out["filter_auc"]:
+        assert 0.0 <= out["filter_auc"]["synthetic_wrong_by_agreement"] <= 1.0
     everything, nothing = out["selection"]["0"], out["selection"]["1.01"]
     # threshold 0 keeps every web text and one caption per image; above 1 nothing passes
     assert everything["web_kept"] == 30 and everything["synthetic_kept"] == 30
@@ -69,3 +71,22 @@ def test_by_objects_counts_rates_per_object_count_and_single_object_errors(probe
     assert errors == {
         "shape circle -> square": 1, "colour wrong": 1, "no object named": 1, "an extra object": 1,
     }  # fmt: skip
+
+
+def test_caption_agreement_is_the_mean_cosine_to_the_images_other_captions(probe: Any, tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    from capfilt.inference import load_med, tokenize
+
+    model = save_tiny_model(tmp_path / "model", seed=0)
+    captions = [["a red circle", "a red circle", "best price 2019 free shipping"], ["a blue star"]]
+    agree = probe.caption_agreement(str(model), captions)
+    assert agree.shape == (4,) and np.isnan(agree[3])
+    med, tokenizer = load_med(str(model), device=torch.device("cpu"), dtype=torch.float32)
+    with torch.no_grad():
+        tokens = tokenize(tokenizer, captions[0])
+        f = med.text_features(med.encode_text(tokens["input_ids"], tokens["attention_mask"])).float()
+    expected = [(f[0] @ f[1] + f[0] @ f[2]) / 2, (f[1] @ f[0] + f[1] @ f[2]) / 2, (f[2] @ f[0] + f[2] @ f[1]) / 2]
+    assert agree[:3] == pytest.approx([float(e) for e in expected], abs=1e-5)
+    assert agree[0] == pytest.approx(agree[1], abs=1e-5)  # identical captions, identical agreement
