@@ -12,7 +12,13 @@ threads it gets. This script measures that on this machine, with the bootstrap's
 Both start from the same pre-trained MED and train on the same human pairs of a small demo
 corpus, so they do identical work. Prints wall seconds and samples/s of each mode and the ratio.
 
+``--compare loader`` measures the other overlap the demo uses: ONE training, its batches decoded
+and tokenized in the training process (``num_workers`` 0) vs in one DataLoader worker process
+while the model trains (``num_workers`` 1, the demo's ``pretrain.num_workers``), alternating
+``--repeats`` times so a drift in the machine's speed hits both.
+
     python benchmarks/concurrent_training.py --steps 150
+    python benchmarks/concurrent_training.py --compare loader --kind pretrain --steps 120
 """
 
 from __future__ import annotations
@@ -35,6 +41,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per training")
     parser.add_argument("--kind", default="captioner", choices=("pretrain", "captioner", "filter"))
     parser.add_argument("--work", type=Path, default=None, help="scratch dir (default: a temp dir)")
+    parser.add_argument(
+        "--compare",
+        default="trainings",
+        choices=("trainings", "loader"),
+        help="trainings: two in turn vs at once; loader: one with 0 vs 1 DataLoader worker",
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="--compare loader: runs per setting")
     args = parser.parse_args(argv)
 
     import torch
@@ -56,13 +69,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
     human = corpus / "human.parquet"
 
-    def config(name: str, init: ModelSection, steps: int):
+    def config(name: str, init: ModelSection, steps: int, num_workers: int | None = None):
         if name != "base":
             shutil.rmtree(work / name, ignore_errors=True)  # a rerun measures afresh
         out = settings.training_config(model=init, data=human, out=work / name, seed=0, progress=False)
-        return out.model_copy(
-            update={"train": out.train.model_copy(update={"steps": steps, "save_every": steps})}
-        )
+        update: dict = {"train": out.train.model_copy(update={"steps": steps, "save_every": steps})}
+        if num_workers is not None:
+            update["data"] = out.data.model_copy(update={"num_workers": num_workers})
+        return out.model_copy(update=update)
 
     base = work / "base"
     if not (base / "model").is_dir():  # a short pre-training to start the fine-tunes from
@@ -70,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train("pretrain", config("base", scratch, 20), False)
     init = ModelSection(init=str(base / "model"))
     batch = settings.train.batch_size
+    if args.compare == "loader":
+        return _compare_loader(args, config, init, train, batch)
     samples = 2 * args.steps * batch
     print(f"{cores} cores; two {args.kind} trainings of {args.steps} steps x batch {batch} each", flush=True)
 
@@ -103,6 +119,30 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"(each includes loading the model and data; a child process also imports torch)"
     )
     return {"sequential_s": sequential, "concurrent_s": concurrent}
+
+
+def _compare_loader(args: argparse.Namespace, config, init, train, batch: int) -> dict[str, float]:
+    """One training with 0 vs 1 DataLoader worker, alternating; prints each run and the means."""
+    import torch
+
+    print(
+        f"one {args.kind} training of {args.steps} steps x batch {batch}, {torch.get_num_threads()} threads, "
+        f"{args.repeats} run(s) per setting, alternating",
+        flush=True,
+    )
+    seconds: dict[int, list[float]] = {0: [], 1: []}
+    for repeat in range(args.repeats):
+        for workers in (0, 1):
+            started = time.perf_counter()
+            train(args.kind, config(f"loader{workers}-{repeat}", init, args.steps, workers), False)
+            seconds[workers].append(time.perf_counter() - started)
+            print(f"num_workers {workers}, run {repeat + 1}: {seconds[workers][-1]:6.1f} s", flush=True)
+    means = {w: sum(v) / len(v) for w, v in seconds.items()}
+    samples = args.steps * batch
+    for w, mean in means.items():
+        print(f"num_workers {w}: mean {mean:6.1f} s ({samples / mean:6.1f} samples/s)")
+    print(f"1 worker / in-process throughput: {means[0] / means[1]:.2f}x (each includes loading the model and data)")
+    return {"in_process_s": means[0], "one_worker_s": means[1]}
 
 
 if __name__ == "__main__":

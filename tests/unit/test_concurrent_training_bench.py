@@ -1,0 +1,23 @@
+"""benchmarks/concurrent_training.py --compare loader: one training with 0 vs 1 DataLoader worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support import load_benchmark
+
+
+def test_loader_comparison_trains_with_and_without_a_worker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load_benchmark("concurrent_training")
+    out = bench.main(
+        ["--compare", "loader", "--kind", "captioner", "--steps", "2", "--repeats", "1", "--work", str(tmp_path)]
+    )
+    assert set(out) == {"in_process_s", "one_worker_s"} and all(v > 0 for v in out.values())
+    printed = capsys.readouterr().out
+    assert "num_workers 0, run 1" in printed and "num_workers 1, run 1" in printed
+    # each setting trained to the end and saved its model, with the worker count it was given
+    for workers in (0, 1):
+        run = tmp_path / f"loader{workers}-0"
+        assert (run / "model").is_dir()
+        assert f"num_workers: {workers}" in (run / "config.yaml").read_text(encoding="utf-8")
