@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def caption_agreement(model: str, captions: Any) -> Any:
     """Per caption, the mean cosine of its ITC text feature (the filter's unimodal text encoder)
-    with the other captions of the same image; NaN for an image's only caption.
+    with the other captions of the same image; NaN for an image's only caption. The same
+    figure the filter writes as ``synthetic_agreement`` (:func:`capfilt.inference.text_agreement`).
 
     Sampled captions that disagree are ones the captioner was unsure about: on the demo corpus
     this separated right from wrong synthetic captions (ROC-AUC ~0.7) better than the filter's ITM
@@ -142,21 +143,14 @@ def caption_agreement(model: str, captions: Any) -> Any:
     import numpy as np
     import torch
 
-    from capfilt.inference import load_med, tokenize
+    from capfilt.inference import load_med, text_agreement
 
     med, tokenizer = load_med(model, device=torch.device("cpu"), dtype=torch.float32)
-    out: list[float] = []
+    groups = [list(texts) for texts in captions]
+    owner = [i for i, texts in enumerate(groups) for _ in texts]
     with torch.no_grad():
-        for texts in captions:
-            texts = list(texts)
-            if len(texts) < 2:
-                out.extend([float("nan")] * len(texts))
-                continue
-            tokens = tokenize(tokenizer, texts)
-            feats = med.text_features(med.encode_text(tokens["input_ids"], tokens["attention_mask"]))
-            sims = feats.float() @ feats.float().T
-            out.extend(((sims.sum(1) - sims.diagonal()) / (len(texts) - 1)).tolist())
-    return np.asarray(out, dtype=float)
+        out = text_agreement(med, tokenizer, [t for texts in groups for t in texts], owner, batch_size=256)
+    return np.asarray(out.tolist(), dtype=float)
 
 
 def _by_objects(

@@ -433,11 +433,20 @@ class SelectConfig(_Section):
     ``filter.keep_synthetic >= K``.
     """
 
-    rank_by: Literal["itm", "clip"] = Field(
-        default="itm", description="Score that ranks texts: the filter's ITM or the CLIP cosine."
+    rank_by: Literal["itm", "clip", "agreement"] = Field(
+        default="itm",
+        description="Score that ranks texts: the filter's ITM, the CLIP cosine, or (synthetic captions "
+        "only) their agreement with the image's other captions.",
     )
     top_n: int | None = Field(
         default=None, ge=1, description="Keep at most this many texts per image, web text included."
+    )
+    min_agreement: float | None = Field(
+        default=None,
+        ge=-1.0,
+        le=1.0,
+        description="Keep a synthetic caption only when the mean ITC-text cosine with the image's other "
+        "sampled captions (synthetic_agreement, from the filter) is >= this; needs >= 2 captions per image.",
     )
 
 
@@ -514,6 +523,16 @@ class PipelineConfig(_Section):
     def _clip_for_clip_ranking(self) -> PipelineConfig:
         if self.clip is None and self.select.rank_by == "clip":
             raise ValueError("select.rank_by: clip needs a clip section (clip.model)")
+        if self.select.rank_by == "agreement" and self.select.top_n is not None:
+            raise ValueError("select.rank_by: agreement ranks synthetic captions only; it cannot be used with top_n")
+        if self.select.min_agreement is not None or self.select.rank_by == "agreement":
+            if self.filter is None:
+                raise ValueError("select.min_agreement / rank_by: agreement need a filter section (it computes agreement)")
+            if self.caption is not None and self.caption.num_captions * len(self.caption.model_ids) < 2:
+                raise ValueError(
+                    "select.min_agreement / rank_by: agreement need >= 2 captions per image "
+                    "(caption.num_captions, or an ensemble of captioners)"
+                )
         return self
 
 

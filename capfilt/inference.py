@@ -317,6 +317,41 @@ def itm_scores(
     return itm, itc
 
 
+def text_agreement(
+    med: Any, tokenizer: Any, texts: Sequence[str], owner: Sequence[int], *, batch_size: int
+) -> torch.Tensor:
+    """Per text, the mean cosine of its ITC text feature with the other texts of the same owner.
+
+    The owner's texts are captions sampled for one image: where they say the same thing the
+    captioner was sure, where they disagree it was guessing. Uses only the unimodal text encoder
+    (no image). NaN for a text that is its owner's only one. Returns float32 CPU values in text order.
+    """
+    import torch
+
+    n = len(texts)
+    out = torch.full((n,), float("nan"))
+    if n == 0:
+        return out
+    device = next(med.parameters()).device
+    step = max(1, batch_size)
+    parts = []
+    for a in range(0, n, step):
+        tokens = tokenize(tokenizer, list(texts[a : a + step]))
+        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        parts.append(med.text_features(med.encode_text(ids, mask)).float().cpu())
+    feats = torch.cat(parts)
+    groups: dict[int, list[int]] = {}
+    for t, o in enumerate(owner):
+        groups.setdefault(int(o), []).append(t)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        idx = torch.as_tensor(members)
+        sims = feats[idx] @ feats[idx].T
+        out[idx] = (sims.sum(1) - sims.diagonal()) / (len(members) - 1)
+    return out
+
+
 # --------------------------------------------------------------------------- failures
 
 

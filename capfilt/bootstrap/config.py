@@ -20,6 +20,7 @@ from capfilt.config import (
     DownloadConfig,
     FilterConfig,
     RayConfig,
+    SelectConfig,
     _Section,
     load_model,
     load_model_text,
@@ -178,6 +179,7 @@ class PipelineSection(_Section):
     filter: BootstrapFilter = Field(
         default_factory=BootstrapFilter, description="As `capfilt run`'s, less the model (the round's)."
     )
+    select: SelectConfig = Field(default_factory=SelectConfig, description="As `capfilt run`'s.")
     output: PipelineOutput = Field(default_factory=PipelineOutput, description="The dir is the round's.")
     ray: RayConfig = Field(default_factory=RayConfig)
 

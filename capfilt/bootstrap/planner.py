@@ -294,18 +294,13 @@ class Bootstrap:
 
     def variant_pairs(self, variant: str, r: int = 1) -> Any:
         """The web part of an ablation variant's data, cut from round ``r``'s pipeline output."""
-        from dataclasses import replace
+        from capfilt.rundir.read import RunView
 
-        from capfilt.stages.select import Selection
-
-        capfilt = Selection.from_filter(self.cfg.pipeline.filter)
-        rules = {
-            "raw": replace(capfilt, threshold=None, keep_web=True, keep_synthetic=0),
-            "filter": replace(capfilt, keep_web=True, keep_synthetic=0),
-            "captioner": replace(capfilt, threshold=None, keep_web=True),
-            "capfilt": capfilt,
-        }
-        return selected_pairs(self.round_dir(r) / "pipeline", rules[variant])
+        pipeline_dir = self.round_dir(r) / "pipeline"
+        capfilt = RunView(root=pipeline_dir, pipeline_dir=pipeline_dir).selection()
+        if capfilt is None:  # the run writes its config first: without it the round is not a run
+            raise UserError(f"{pipeline_dir / 'config.yaml'}: missing or not a pipeline config")
+        return selected_pairs(pipeline_dir, variant_rules(capfilt)[variant])
 
     def _ablation_pretrain_step(self, variant: str, threads: int | None) -> Callable[[Path, bool], None]:
         def run(staging: Path, resuming: bool) -> None:
@@ -360,6 +355,7 @@ class Bootstrap:
             download=download,
             caption=CaptionConfig(**stage(p.caption, "caption")),
             filter=FilterConfig(**stage(p.filter, "filter")),
+            select=p.select,
             output=OutputConfig(dir=str(out), rows_per_shard=p.output.rows_per_shard),
             ray=p.ray,
         )
@@ -563,3 +559,23 @@ def _check_inputs(cfg: BootstrapConfig) -> None:
         value = getattr(c, name)
         if value and not Path(value).exists():
             raise UserError(f"corpus.{name}: {value}: no such file or directory")
+
+
+def variant_rules(capfilt: Any) -> dict[str, Any]:
+    """Each ablation variant's selection rule, from the round's own CapFilt rule (a ``Selection``).
+
+    raw: every web text, no caption; filter only: the web texts the filter keeps, no caption;
+    captioner only: every web text and ``keep_synthetic`` captions with nothing of the filter (no
+    ITM threshold, no agreement, which the filter computes); capfilt: the round's rule itself.
+    """
+    from dataclasses import replace
+
+    return {
+        "raw": replace(capfilt, threshold=None, keep_web=True, keep_synthetic=0),
+        "filter": replace(capfilt, keep_web=True, keep_synthetic=0),
+        "captioner": replace(
+            capfilt, threshold=None, keep_web=True, min_agreement=None,
+            rank_by="itm" if capfilt.rank_by == "agreement" else capfilt.rank_by,
+        ),  # fmt: skip
+        "capfilt": capfilt,
+    }

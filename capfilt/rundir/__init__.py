@@ -85,6 +85,7 @@ SAMPLE_SCHEMA = pa.schema(
 OPTIONAL_SAMPLE_COLUMNS: dict[str, pa.DataType] = {
     "web_itc": pa.float64(),
     "synthetic_itc": pa.list_(pa.float64()),
+    "synthetic_agreement": pa.list_(pa.float64()),
     **dict(zip(IMAGE_META_COLUMNS, (pa.int64(),) * 4 + (pa.string(),), strict=True)),
     "web_clip": pa.float64(),
     "synthetic_clip": pa.list_(pa.float64()),
@@ -92,7 +93,8 @@ OPTIONAL_SAMPLE_COLUMNS: dict[str, pa.DataType] = {
     "duplicate_of": pa.string(),
 }
 """Columns copied into samples files when the stages produced them (ITC scores when
-``filter.itc_column``; image sizes and content hash from the download stage; CLIP scores
+``filter.itc_column``; the agreement of each synthetic caption with the image's others, from the
+filter; image sizes and content hash from the download stage; CLIP scores
 with a ``clip`` section; the perceptual hash and the dedup mark with ``dedup.enabled``)."""
 
 SAMPLE_TYPES: dict[str, pa.DataType] = {

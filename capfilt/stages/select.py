@@ -30,6 +30,16 @@ CLIP scores (``web_clip``, ``synthetic_clip``; :mod:`capfilt.stages.clip`) exten
   total, web text included, best ``rank_by`` score first (ties: the web text, then caption
   order). BLIP-2's recipe is ``rank_by="clip", top_n=2`` with ``keep_synthetic >= K``.
 
+Agreement among an image's sampled captions (``synthetic_agreement``, written by the filter)
+extends it for synthetic captions only; the web text is not a sample and is never held to it:
+
+* ``min_agreement`` (``select.min_agreement``): a synthetic caption must also agree with the
+  image's other captions, mean ITC-text cosine >= it (a lone caption has no agreement: NaN,
+  not kept). The captioner's errors are ones the filter, fine-tuned from the same model,
+  shares; where the captioner was unsure, its samples disagree.
+* ``rank_by="agreement"``: the passing synthetic captions are ordered by agreement (the
+  consensus caption first) instead of ITM; not combinable with ``top_n``.
+
 :class:`Selection` holds these arguments as one value; ``Selection.from_config`` reads them
 from a pipeline config (:func:`selection_options` gives them as keyword arguments).
 """
@@ -94,6 +104,8 @@ def keep_synthetic_texts(
     clip: Sequence[float] | None = None,
     clip_threshold: float | None = None,
     rank: Sequence[float] | None = None,
+    agreement: Sequence[float] | None = None,
+    min_agreement: float | None = None,
 ) -> list[bool]:
     """The synthetic half of the rule for one row: a kept flag per caption.
 
@@ -105,11 +117,14 @@ def keep_synthetic_texts(
         raise ValueError(f"{len(scores)} synthetic scores for {count} synthetic captions")
     if clip_threshold is not None and (clip is None or len(clip) != count):
         raise ValueError(f"{0 if clip is None else len(clip)} CLIP scores for {count} synthetic captions")
+    if min_agreement is not None and (agreement is None or len(agreement) != count):
+        raise ValueError(f"{0 if agreement is None else len(agreement)} agreements for {count} synthetic captions")
     passing = [
         i
         for i in range(count)
         if _passes(scores[i] if threshold is not None else math.nan, threshold)
         and _passes(clip[i] if clip is not None and clip_threshold is not None else math.nan, clip_threshold)
+        and _passes(agreement[i] if agreement is not None and min_agreement is not None else math.nan, min_agreement)
     ]
     order = rank if rank is not None else (scores if threshold is not None else None)
     if order is not None:
@@ -155,20 +170,25 @@ def select(
     clip_threshold: float | None = None,
     rank_by: str = "itm",
     top_n: int | None = None,
+    min_agreement: float | None = None,
 ) -> Batch:
     """Add ``web_kept`` (bool) and ``synthetic_kept`` (list of bool) to a batch.
 
     Reads ``status``, ``web_text``, ``synthetic_texts`` and the scores that ran: ``web_itm`` /
-    ``synthetic_itm`` (filter), ``web_clip`` / ``synthetic_clip`` (CLIP). Missing score
-    columns are treated as "not scored" (NaN / empty). See the module docstring for the rule.
+    ``synthetic_itm`` / ``synthetic_agreement`` (filter), ``web_clip`` / ``synthetic_clip``
+    (CLIP). Missing score columns are treated as "not scored" (NaN / empty). See the module
+    docstring for the rule.
     """
-    if rank_by not in ("itm", "clip"):
-        raise ValueError(f"rank_by must be 'itm' or 'clip', got {rank_by!r}")
+    if rank_by not in ("itm", "clip", "agreement"):
+        raise ValueError(f"rank_by must be 'itm', 'clip' or 'agreement', got {rank_by!r}")
+    if rank_by == "agreement" and top_n is not None:
+        raise ValueError("rank_by='agreement' ranks synthetic captions only; it cannot rank the web text for top_n")
     out = dict(batch)
     n = len(batch["status"])
     synthetic = batch.get("synthetic_texts")
     web_itm, synthetic_itm = batch.get("web_itm"), batch.get("synthetic_itm")
     web_clip, synthetic_clip = batch.get("web_clip"), batch.get("synthetic_clip")
+    synthetic_agreement = batch.get("synthetic_agreement")
     web_kept = np.zeros(n, dtype=bool)
     synthetic_kept = np.empty(n, dtype=object)
     for i in range(n):
@@ -179,12 +199,15 @@ def select(
             continue
         itm = _scores(synthetic_itm, i, len(texts))
         clip = _scores(synthetic_clip, i, len(texts))
+        agreement = _scores(synthetic_agreement, i, len(texts))
         web_score, web_clip_score = _score(web_itm, i), _score(web_clip, i)
         web = keep_web_text(
             ok=ok, text=batch["web_text"][i], score=web_score, threshold=threshold, keep_web=keep_web
         ) and _passes(web_clip_score, clip_threshold)
         if rank_by == "clip":
             rank, web_rank = clip, web_clip_score
+        elif rank_by == "agreement":
+            rank, web_rank = agreement, math.nan
         elif threshold is not None:
             rank, web_rank = itm, web_score
         else:  # no filter ran: caption order
@@ -197,6 +220,8 @@ def select(
             clip=clip,
             clip_threshold=clip_threshold,
             rank=rank,
+            agreement=agreement,
+            min_agreement=min_agreement,
         )
         if top_n is not None:
             web, kept = keep_top_n(web, web_rank, kept, rank, top_n)
@@ -223,6 +248,7 @@ class Selection:
     clip_threshold: float | None = None
     rank_by: str = "itm"
     top_n: int | None = None
+    min_agreement: float | None = None
 
     @classmethod
     def from_filter(cls, flt: Any) -> Selection:
@@ -234,7 +260,8 @@ class Selection:
         """The rule of a pipeline config (the one place that maps config to rule).
 
         Without a filter (captioner-only CapFilt) every synthetic caption may be kept and no ITM
-        threshold applies; CLIP's threshold and the ranking options apply whenever they are set.
+        threshold or agreement applies (the filter computes agreement); CLIP's threshold and the
+        ranking options apply whenever they are set.
         """
         if cfg.filter is not None:
             rule = cls.from_filter(cfg.filter)
@@ -247,6 +274,7 @@ class Selection:
             clip_threshold=cfg.clip.threshold if cfg.clip is not None else None,
             rank_by=cfg.select.rank_by,
             top_n=cfg.select.top_n,
+            min_agreement=cfg.select.min_agreement if cfg.filter is not None else None,
         )
 
     def options(self) -> dict[str, Any]:
@@ -263,7 +291,7 @@ def selection_options(cfg: Any) -> dict[str, Any]:
     return Selection.from_config(cfg).options()
 
 
-SCORE_COLUMNS = ("web_itm", "synthetic_itm", "web_clip", "synthetic_clip")
+SCORE_COLUMNS = ("web_itm", "synthetic_itm", "web_clip", "synthetic_clip", "synthetic_agreement")
 
 
 def select_table(
@@ -275,6 +303,7 @@ def select_table(
     clip_threshold: float | None = None,
     rank_by: str = "itm",
     top_n: int | None = None,
+    min_agreement: float | None = None,
 ) -> pa.Table:
     """Re-apply the selection rule to a samples table (e.g. ``pq.read_table(RUN/samples)``).
 
@@ -295,6 +324,7 @@ def select_table(
         clip_threshold=clip_threshold,
         rank_by=rank_by,
         top_n=top_n,
+        min_agreement=min_agreement,
     )
     web = pa.array(result["web_kept"], type=pa.bool_())
     synthetic = pa.array(list(result["synthetic_kept"]), type=pa.list_(pa.bool_()))

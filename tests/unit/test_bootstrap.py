@@ -42,6 +42,7 @@ from capfilt.train import TrainingConfig
 SMALL = [
     "corpus.images=24", "corpus.human_images=6", "corpus.test_images=4", "corpus.size=32",
     "pipeline.output.rows_per_shard=10",
+    "pipeline.select.min_agreement=null",  # the fake pipeline writes one caption per image: no agreement
 ]  # fmt: skip
 STEP_DELAY_ENV = "CAPFILT_TEST_STEP_DELAY"
 
@@ -84,9 +85,12 @@ def fake_pipeline(cfg: Any) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from capfilt.config import dump
     from capfilt.stages import write as writer
 
     out = Path(cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump(cfg))  # as the real run does: the ablation reads its rule
     urls = pq.read_table(cfg.input.path).to_pylist()
     corpus = Path(cfg.input.path).parent / "corpus"
     images = {
@@ -490,7 +494,10 @@ def test_training_steps_get_the_demo_settings_as_the_config_object_they_record(
         target = staging.with_name(staging.name.removeprefix(".").removesuffix(".partial"))
         assert load_model(TrainingConfig, target / "bootstrap-train.yaml") == cfg
         assert cfg.train.batch_size == 32 and cfg.optim.lr == 1e-3 and cfg.optim.clip_grad_norm == 5.0
-        assert cfg.data.max_length == 32 and cfg.data.num_workers == 0
+        assert cfg.data.max_length == 32
+        # MED_0 and MED_1 load batches in one DataLoader worker (pretrain.num_workers); the two
+        # fine-tunes, one core each at the same time, load in their own process.
+        assert cfg.data.num_workers == (1 if kind == "pretrain" else 0)
         assert not cfg.data.augment.random_resized_crop and cfg.data.augment.randaugment_ops == 0
         # MED_1 draws one of a human image's captions per visit (an image is one item, as a web image
         # is); MED_0 (round0_captions) and the fine-tunes take every reference as an item of its own.
@@ -701,3 +708,17 @@ def test_capfilt_summary_scores_filter_captions_and_noise_against_the_truth(tmp_
     assert "ROC-AUC 1.00, removed 100% (recall), precision 50%" in text
     assert "50% of the raw web texts are wrong; after CapFilt 29% of the kept web pairs are" in text
     assert "6 raw web pairs -> 3 web texts kept + 4 synthetic captions added = 7" in text
+
+
+def test_ablation_variant_rules_keep_the_filter_out_of_captioner_only() -> None:
+    from capfilt.bootstrap.planner import variant_rules
+    from capfilt.stages.select import Selection
+
+    capfilt = Selection(threshold=0.3, keep_web=True, keep_synthetic=1, rank_by="agreement", min_agreement=0.995)
+    rules = variant_rules(capfilt)
+    assert rules["capfilt"] == capfilt
+    # captioner only: no ITM threshold, no agreement (the filter computes it), caption order
+    assert (rules["captioner"].threshold, rules["captioner"].min_agreement, rules["captioner"].rank_by) == (None, None, "itm")
+    assert rules["captioner"].keep_synthetic == 1
+    assert rules["filter"].threshold == 0.3 and rules["filter"].keep_synthetic == 0
+    assert rules["raw"].threshold is None and rules["raw"].keep_synthetic == 0 and rules["raw"].keep_web

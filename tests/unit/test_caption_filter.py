@@ -190,6 +190,30 @@ def test_filter_scores_match_a_direct_itm_computation(models: tuple[str, str]) -
     assert -1.0001 <= out["web_itc"][0] <= 1.0001
 
 
+def test_filter_writes_each_captions_agreement_with_the_images_other_captions(models: tuple[str, str]) -> None:
+    batch = captioned(models, 4, bad=frozenset({3}))
+    # Row 0: two identical captions and one unlike them; row 2: one caption (no agreement).
+    batch["synthetic_texts"] = object_array(
+        [["a red circle", "a red circle", "shop now cheap"], ["a blue square", "a green star"], ["a circle"], []]
+    )
+    stage = Filter(FilterConfig(model=models[0], batch_size=2))
+    out = stage(batch)
+    med, tokenizer = stage.models[0]
+    tokens = tokenizer(["a red circle", "shop now cheap", "a blue square", "a green star"], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        f = med.text_features(med.encode_text(tokens["input_ids"], tokens["attention_mask"]))
+    cos = (f @ f.T).tolist()
+    row0 = out["synthetic_agreement"][0]
+    assert row0[0] == pytest.approx((1.0 + cos[0][1]) / 2, abs=1e-4)  # itself once, the odd one once
+    assert row0[1] == pytest.approx(row0[0], abs=1e-6)
+    assert row0[2] == pytest.approx(cos[0][1], abs=1e-4)
+    assert out["synthetic_agreement"][1] == pytest.approx([cos[2][3], cos[2][3]], abs=1e-4)
+    assert len(out["synthetic_agreement"][2]) == 1 and math.isnan(out["synthetic_agreement"][2][0])
+    assert out["synthetic_agreement"][3] == []  # failed download: no scores
+    # The web text is not a sample of the captioner: it is scored by ITM, not counted in agreement.
+    assert len(out["synthetic_itm"][0]) == 3 and not math.isnan(out["web_itm"][0])
+
+
 def test_ensemble_filter_averages_the_models(models: tuple[str, str]) -> None:
     batch = captioned(models, 3)
     a = Filter(FilterConfig(model=models[0]))(batch)

@@ -214,6 +214,7 @@ def test_selection_options_map_the_config() -> None:
         "clip_threshold": 0.2,
         "rank_by": "clip",
         "top_n": 2,
+        "min_agreement": None,
     }
     cfg = loads(BASE + "filter: {model: f, threshold: 0.6, keep_synthetic: 2}\n")
     assert selection_options(cfg) == {
@@ -223,7 +224,10 @@ def test_selection_options_map_the_config() -> None:
         "clip_threshold": None,
         "rank_by": "itm",
         "top_n": None,
+        "min_agreement": None,
     }
+    cfg = loads(BASE + "filter: {model: f}\nselect: {min_agreement: 0.8, rank_by: agreement}\n")
+    assert selection_options(cfg)["min_agreement"] == 0.8 and selection_options(cfg)["rank_by"] == "agreement"
 
 
 @pytest.mark.parametrize(
@@ -234,6 +238,9 @@ def test_selection_options_map_the_config() -> None:
         ("clip: {model: m, threshold: 1.5}\n", "clip.threshold"),
         ("clip: {model: m, bach_size: 3}\n", "did you mean 'batch_size'"),
         ("select: {rank_by: cider}\n", "select.rank_by"),
+        ("select: {min_agreement: 0.8}\n", "need a filter section"),
+        ("filter: {model: f}\nselect: {min_agreement: 1.5}\n", "select.min_agreement"),
+        ("filter: {model: f}\nselect: {rank_by: agreement, top_n: 2}\n", "cannot be used with top_n"),
     ],
 )
 def test_bad_clip_and_select_config_is_one_line_user_error(extra: str, message: str) -> None:
@@ -245,3 +252,11 @@ def test_bad_clip_and_select_config_is_one_line_user_error(extra: str, message: 
 def test_words_of_the_test_vocabulary_are_known() -> None:
     tokenizer = clip_tokenizer()
     assert all(tokenizer.convert_tokens_to_ids(w) != tokenizer.unk_token_id for w in WORDS)
+
+
+def test_agreement_needs_two_captions_per_image() -> None:
+    one = "input: {path: urls.parquet}\ncaption: {model: cap, num_captions: 1}\nfilter: {model: f}\n"
+    with pytest.raises(UserError, match=">= 2 captions per image"):
+        loads(one + "select: {min_agreement: 0.8}\n")
+    two = "input: {path: urls.parquet}\ncaption: {models: [a, b], num_captions: 1}\nfilter: {model: f}\n"
+    assert loads(two + "select: {min_agreement: 0.8}\n").select.min_agreement == 0.8  # an ensemble of two

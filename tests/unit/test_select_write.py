@@ -52,6 +52,43 @@ def test_select_keep_synthetic_and_keep_web_limits() -> None:
     assert all(not any(flags) for flags in none["synthetic_kept"])
 
 
+def test_min_agreement_holds_synthetic_captions_to_their_agreement_not_the_web_text() -> None:
+    batch = scored_batch()
+    batch["synthetic_agreement"] = object_array([[0.9, 0.4, 0.95], [0.6, 0.61], [], [], [NAN]])
+    out = select(batch, threshold=0.5, keep_web=True, keep_synthetic=1, min_agreement=0.6)
+    assert out["web_kept"].tolist() == [True, False, False, False, False]  # the web text: ITM only
+    # Row 0: "y" (ITM 0.8) disagrees (0.4), "z" (0.8, agrees 0.95) is kept; "x" agrees but ITM 0.2.
+    # Row 1: "p" agrees at 0.6 (>= is enough) but "q" has the better ITM. Row 4: NaN never passes.
+    assert list(out["synthetic_kept"]) == [[False, False, True], [False, True], [], [], [False]]
+    strict = select(batch, threshold=0.5, keep_web=True, keep_synthetic=2, min_agreement=0.605)
+    assert list(strict["synthetic_kept"])[:2] == [[False, False, True], [False, True]]
+
+
+def test_rank_by_agreement_keeps_the_consensus_caption() -> None:
+    batch = scored_batch()
+    batch["synthetic_agreement"] = object_array([[0.9, 0.4, 0.95], [0.7, 0.6], [], [], [0.5]])
+    out = select(batch, threshold=0.5, keep_web=True, keep_synthetic=1, rank_by="agreement")
+    # Row 0: of the captions passing ITM ("y", "z"), "z" agrees most; row 1: "p" (0.7 > 0.6).
+    assert list(out["synthetic_kept"]) == [[False, False, True], [True, False], [], [], [False]]
+    with pytest.raises(ValueError, match="top_n"):
+        select(batch, threshold=0.5, rank_by="agreement", top_n=2)
+    # Without the column every caption is unscored: agreement then keeps nothing.
+    del batch["synthetic_agreement"]
+    none = select(batch, threshold=0.5, keep_synthetic=1, min_agreement=0.0)
+    assert all(not any(flags) for flags in none["synthetic_kept"])
+
+
+def test_select_table_reapplies_min_agreement_to_stored_scores() -> None:
+    batch = scored_batch()
+    batch["synthetic_agreement"] = object_array([[0.9, 0.4, 0.95], [0.6, 0.61], [], [], [NAN]])
+    table = pa.table({k: list(v) if v.dtype == object else v for k, v in batch.items()})
+    rule = Selection(threshold=0.5, keep_synthetic=1, min_agreement=0.6)
+    assert rule.apply(table).column("synthetic_kept").to_pylist() == [[False, False, True], [False, True], [], [], [False]]
+    assert select_table(table, threshold=0.5, keep_synthetic=1).column("synthetic_kept").to_pylist()[0] == [
+        False, True, False,
+    ]  # fmt: skip
+
+
 def test_select_without_filter_keeps_web_and_first_captions() -> None:
     batch = scored_batch()
     del batch["web_itm"], batch["synthetic_itm"]
@@ -80,6 +117,7 @@ def test_selection_value_applies_the_same_rule_as_select_table() -> None:
         "clip_threshold": None,
         "rank_by": "itm",
         "top_n": None,
+        "min_agreement": None,
     }
     applied = rule.apply(table)
     direct = select_table(table, threshold=0.5, keep_web=False, keep_synthetic=2)
