@@ -488,6 +488,7 @@ def _capfilt_headline(summary: dict[str, Any], round_: Any) -> str:
         f"{_e(caps.get('captions', 0))} synthetic captions name the right colour and shape of every object "
         f"(the attribute check); {_e(_share(caps.get('images_with_a_right_caption')))} of the web images got at "
         "least one such caption.</li>"
+        f"{_caption_scores_item(summary.get('caption_scores') or {})}"
         f"<li><b>Noise: is the kept data cleaner?</b> {_e(_share(noise.get('raw_web')))} of the raw web texts are "
         f"wrong; {_e(_share(noise.get('kept_web_texts')))} of the web texts the filter kept are, and "
         f"{_e(_share(noise.get('kept_set')))} of everything CapFilt kept (kept web texts and synthetic "
@@ -495,6 +496,23 @@ def _capfilt_headline(summary: dict[str, Any], round_: Any) -> str:
         f"<li><b>Added data:</b> {_e(pairs.get('synthetic_added', 0))} synthetic captions join "
         f"the {_e(pairs.get('kept_web', 0))} web texts kept out of {_e(pairs.get('raw_web', 0))}.</li>"
         "</ul>"
+    )
+
+
+def _caption_scores_item(scores: dict[str, Any]) -> str:
+    """How well the filter's ITM and the agreement among captions tell right captions from wrong."""
+    if not isinstance(scores.get("agreement_auc"), int | float):
+        return ""
+    rule = (
+        f" A synthetic caption is kept only when its agreement is at least {_e(scores['min_agreement'])}."
+        if isinstance(scores.get("min_agreement"), int | float)
+        else ""
+    )
+    return (
+        "<li><b>Which synthetic captions are right?</b> The filter's ITM score tells right captions from "
+        f"wrong ones with ROC-AUC {_e(_auc(scores.get('itm_auc')))}; agreement with the image's other sampled "
+        f"captions with {_e(_auc(scores['agreement_auc']))} (the filter learned from the same model as the "
+        f"captioner and shares its mistakes; a caption the captioner guessed differs from its other samples).{rule}</li>"
     )
 
 

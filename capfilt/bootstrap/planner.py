@@ -397,7 +397,11 @@ class Bootstrap:
         judged = labels is not None and labels.is_file() and bool(files)
         return {
             "filter": filter_summary(files, threshold=threshold),
-            "capfilt": capfilt_summary(files, labels, threshold=threshold) if judged else None,
+            "capfilt": (
+                capfilt_summary(files, labels, threshold=threshold, min_agreement=self.cfg.pipeline.select.min_agreement)
+                if judged
+                else None
+            ),
         }
 
     def _eval_step(self, r: int) -> Callable[[Path, bool], None]:

@@ -63,7 +63,9 @@ def filter_summary(files: Sequence[Path], *, threshold: float) -> dict[str, Any]
     )
 
 
-def capfilt_summary(samples_files: Sequence[Path], web_labels: Path, *, threshold: float) -> dict[str, Any]:
+def capfilt_summary(
+    samples_files: Sequence[Path], web_labels: Path, *, threshold: float, min_agreement: float | None = None
+) -> dict[str, Any]:
     """Round r's CapFilt judged against the truth a synthetic corpus knows about every web image.
 
     ``samples_files``: the round's pipeline ``samples/*.parquet``; ``web_labels``: the corpus's
@@ -77,7 +79,10 @@ def capfilt_summary(samples_files: Sequence[Path], web_labels: Path, *, threshol
     - ``noise``: the share of noisy web texts before the filter, among the kept web texts, and in
       the kept web part of D_r (kept web texts + kept synthetic captions, a synthetic caption counting
       as noise when it fails the attribute check);
-    - ``pairs``: web pairs before, web texts kept, synthetic captions added.
+    - ``pairs``: web pairs before, web texts kept, synthetic captions added;
+    - ``caption_scores``: how well the filter's ITM score and the agreement among an image's
+      captions (``synthetic_agreement``) each tell right synthetic captions (attribute check) from
+      wrong ones, as ROC-AUC (None when a score was not stored), and ``min_agreement``, the rule's.
     """
     import numpy as np
     import pyarrow.parquet as pq
@@ -88,10 +93,13 @@ def capfilt_summary(samples_files: Sequence[Path], web_labels: Path, *, threshol
     labels = pq.read_table(web_labels, columns=["key", "noise_type", "objects"]).to_pylist()
     truth = {row["key"]: row for row in labels}
     columns = ["key", "status", "web_itm", "web_kept", "synthetic_texts", "synthetic_kept"]
+    optional = ["synthetic_itm", "synthetic_agreement"]
     rows = [
         row
         for f in samples_files
-        for row in pq.read_table(f, columns=columns).to_pylist()
+        for row in pq.read_table(
+            f, columns=columns + [c for c in optional if c in pq.read_schema(f).names]
+        ).to_pylist()
         if row["status"] == "ok" and row["key"] in truth
     ]
     types = [truth[row["key"]]["noise_type"] for row in rows]
@@ -119,11 +127,18 @@ def capfilt_summary(samples_files: Sequence[Path], web_labels: Path, *, threshol
 
     captions_total = captions_right = images_with_right = images_captioned = 0
     kept_synth = kept_synth_wrong = 0
+    caption_scores: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in optional}
     for row in rows:
         objects = truth[row["key"]]["objects"]
         texts = row["synthetic_texts"] or []
         kept = row["synthetic_kept"] or [False] * len(texts)
         right = [check_caption(text, objects) for text in texts]
+        for name, (right_scores, wrong_scores) in caption_scores.items():
+            values = row.get(name) or []
+            if len(values) == len(texts):
+                for ok, value in zip(right, values, strict=True):
+                    if value is not None and not math.isnan(value):
+                        (right_scores if ok else wrong_scores).append(value)
         captions_total += len(texts)
         captions_right += sum(right)
         if texts:
@@ -161,6 +176,11 @@ def capfilt_summary(samples_files: Sequence[Path], web_labels: Path, *, threshol
             "kept_web": n_kept_web,
             "synthetic_added": kept_synth,
             "kept_set": n_kept_web + kept_synth,
+        },
+        "caption_scores": {
+            "itm_auc": roc_auc(*caption_scores["synthetic_itm"]),
+            "agreement_auc": roc_auc(*caption_scores["synthetic_agreement"]),
+            "min_agreement": min_agreement,
         },
     }
 
@@ -209,6 +229,18 @@ def summary_text(summary: dict[str, Any], r: int = 1) -> str:
         f"  Pairs: {pairs['raw_web']:,} raw web pairs -> {pairs['kept_web']:,} web texts kept + "
         f"{pairs['synthetic_added']:,} synthetic captions added = {pairs['kept_set']:,}.",
     ]
+    scores = summary.get("caption_scores") or {}
+    if scores.get("agreement_auc") is not None:
+        rule = (
+            f"; a caption is kept only when its agreement is >= {scores['min_agreement']:g}"
+            if scores.get("min_agreement") is not None
+            else ""
+        )
+        lines.insert(
+            -2,
+            f"  Telling right captions from wrong ones (ROC-AUC): the filter's ITM score {_auc_text(scores.get('itm_auc'))}, "
+            f"agreement with the image's other sampled captions {_auc_text(scores['agreement_auc'])}{rule}.",
+        )
     return "\n".join(lines)
 
 

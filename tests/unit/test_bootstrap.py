@@ -708,6 +708,24 @@ def test_capfilt_summary_scores_filter_captions_and_noise_against_the_truth(tmp_
     assert "ROC-AUC 1.00, removed 100% (recall), precision 50%" in text
     assert "50% of the raw web texts are wrong; after CapFilt 29% of the kept web pairs are" in text
     assert "6 raw web pairs -> 3 web texts kept + 4 synthetic captions added = 7" in text
+    # no stored caption scores: nothing to say about them
+    assert summary["caption_scores"] == {"itm_auc": None, "agreement_auc": None, "min_agreement": None}
+    assert "Telling right captions" not in text
+
+    # With the filter's caption scores stored: how well each tells right captions from wrong ones.
+    rows[0] |= {"synthetic_itm": [0.4, 0.6], "synthetic_agreement": [0.99, 0.90]}  # right, wrong
+    rows[2] |= {"synthetic_itm": [0.7], "synthetic_agreement": [0.95]}  # wrong
+    rows[3] |= {"synthetic_itm": [0.2], "synthetic_agreement": [float("nan")]}  # right, lone: no agreement
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "scored.parquet")
+    scored = bootstrap.capfilt_summary(
+        [tmp_path / "scored.parquet"], tmp_path / "web.parquet", threshold=0.5, min_agreement=0.98
+    )
+    # right: a0 (0.4), d (0.2); wrong: a1 (0.6), c (0.7): ITM ranks every wrong above every right
+    assert scored["caption_scores"] == {"itm_auc": 0.0, "agreement_auc": 1.0, "min_agreement": 0.98}
+    assert (
+        "Telling right captions from wrong ones (ROC-AUC): the filter's ITM score 0.00, agreement with the "
+        "image's other sampled captions 1.00; a caption is kept only when its agreement is >= 0.98."
+    ) in bootstrap.summary_text(scored)
 
 
 def test_ablation_variant_rules_keep_the_filter_out_of_captioner_only() -> None:

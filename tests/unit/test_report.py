@@ -294,6 +294,7 @@ SUMMARY = {
     },
     "noise": {"raw_web": 0.4, "kept_web_texts": 0.12, "kept_synthetic_wrong": 0.09, "kept_set": 0.1},
     "pairs": {"raw_web": 1000, "kept_web": 600, "synthetic_added": 810, "kept_set": 1410},
+    "caption_scores": {"itm_auc": 0.561, "agreement_auc": 0.714, "min_agreement": 0.995},
 }
 
 
@@ -318,6 +319,9 @@ def test_bootstrap_report_says_at_the_top_whether_capfilt_worked(tmp_path: Path)
         page,
     )
     assert "12% removed by mistake" in page
+    # which synthetic captions are right: the filter's ITM against agreement among the captions
+    assert "ITM score tells right captions from wrong ones with ROC-AUC 0.56" in page
+    assert "other sampled captions with 0.71" in page and "agreement is at least 0.995" in page
     # what CapFilt changed: noise before -> after, pairs added by the captioner
     assert "<b>40% \u2192 10%</b>" in page and "<b>+810</b>" in page and "<b>1,000 \u2192 1,410</b>" in page
     assert '"capfilt"' not in page and "capfilt.filter" not in page  # not repeated in the evaluation table
