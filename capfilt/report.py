@@ -766,7 +766,8 @@ def render(view: RunView, *, samples_per_section: int = 48) -> str:
         f'<p class="legend"><span class="sw" style="background:{KEPT}"></span>kept'
         f'<span class="sw" style="background:{REMOVED}"></span>removed '
         "(a text above the threshold can still be removed when the sample already has keep_synthetic "
-        "captions, or when its web text is empty)</p>"
+        "captions, when a synthetic caption disagrees with the image's other captions (select.min_agreement), "
+        "or when its web text is empty)</p>"
     )
     body = [
         f"<h1>capfilt report: {_e(view.root.resolve().name)}</h1>",

@@ -27,7 +27,7 @@ TINY = [
     "captioner.train.steps=2", "captioner.train.batch_size=8",
     "filter.train.steps=2", "filter.train.batch_size=8",
     "pipeline.download.image_size=32", "pipeline.output.rows_per_shard=10",
-    "pipeline.caption.num_captions=1", "pipeline.caption.max_length=8", "pipeline.caption.min_length=6",
+    "pipeline.caption.num_captions=1", "pipeline.select.min_agreement=null", "pipeline.caption.max_length=8", "pipeline.caption.min_length=6",
     "pipeline.filter.threshold=0.45",
     "eval.k_test=4", "eval.max_length=8", "eval.min_length=2", "eval.num_beams=1",
 ]  # fmt: skip

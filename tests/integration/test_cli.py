@@ -23,7 +23,7 @@ SMALLEST = [
     "pretrain.train.steps=1", "pretrain.train.batch_size=4",
     "captioner.train.steps=1", "captioner.train.batch_size=4",
     "filter.train.steps=1", "filter.train.batch_size=4",
-    "pipeline.download.image_size=32", "pipeline.caption.num_captions=1",
+    "pipeline.download.image_size=32", "pipeline.caption.num_captions=1", "pipeline.select.min_agreement=null",
     "pipeline.caption.max_length=8", "pipeline.caption.min_length=4",
     "eval.k_test=2", "eval.max_length=6", "eval.min_length=2", "eval.num_beams=1",
 ]  # fmt: skip

@@ -740,3 +740,14 @@ def test_ablation_variant_rules_keep_the_filter_out_of_captioner_only() -> None:
     assert rules["captioner"].keep_synthetic == 1
     assert rules["filter"].threshold == 0.3 and rules["filter"].keep_synthetic == 0
     assert rules["raw"].threshold is None and rules["raw"].keep_synthetic == 0 and rules["raw"].keep_web
+
+
+def test_agreement_with_one_caption_per_image_is_refused_when_the_config_loads() -> None:
+    from capfilt.bootstrap import load_config
+    from capfilt.errors import UserError
+
+    with pytest.raises(UserError, match=r">= 2 captions per image, got 1 .*min_agreement=null"):
+        load_config(None, ["pipeline.caption.num_captions=1"])  # the demo keeps min_agreement 0.995
+    assert load_config(None, ["pipeline.caption.num_captions=1", "pipeline.select.min_agreement=null"])
+    # two captioners of one caption each are two captions per image
+    assert load_config(None, ["pipeline.caption.num_captions=1", "ensemble.captioners=2"]).ensemble.captioners == 2
