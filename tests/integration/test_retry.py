@@ -246,6 +246,7 @@ def _assert_close(got: list[dict], want: list[dict]) -> None:
         for name in a:
             x, y = a[name], b[name]
             if isinstance(x, float) or (isinstance(x, list) and x and isinstance(x[0], float)):
-                assert np.allclose(x, y, rtol=1e-4, atol=1e-5), (a["key"], name, x, y)
+                # NaN = not scored (e.g. the agreement of an image's only caption): equal when both are
+                assert np.allclose(x, y, rtol=1e-4, atol=1e-5, equal_nan=True), (a["key"], name, x, y)
             else:
                 assert x == y, (a["key"], name, x, y)
