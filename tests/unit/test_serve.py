@@ -303,7 +303,12 @@ def test_user_errors(site: Path) -> None:
 def test_serve_forever_runs_until_interrupted(site: Path) -> None:
     code = f"from capfilt.serve import serve_forever; serve_forever({str(site)!r}, 0)"
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    # As a terminal starts it: Ctrl-C's default disposition. A test run started in the background
+    # by a script (`.ci/run &`) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     try:
         line = proc.stdout.readline()
         match = re.search(r"at (http://127\.0\.0\.1:(\d+))/ ", line)
