@@ -525,15 +525,30 @@ class PipelineConfig(_Section):
             raise ValueError("select.rank_by: clip needs a clip section (clip.model)")
         if self.select.rank_by == "agreement" and self.select.top_n is not None:
             raise ValueError("select.rank_by: agreement ranks synthetic captions only; it cannot be used with top_n")
-        if self.select.min_agreement is not None or self.select.rank_by == "agreement":
-            if self.filter is None:
-                raise ValueError("select.min_agreement / rank_by: agreement need a filter section (it computes agreement)")
-            if self.caption is not None and self.caption.num_captions * len(self.caption.model_ids) < 2:
-                raise ValueError(
-                    "select.min_agreement / rank_by: agreement need >= 2 captions per image "
-                    "(caption.num_captions, or an ensemble of captioners)"
-                )
+        captions = self.caption.num_captions * len(self.caption.model_ids) if self.caption is not None else None
+        problem = agreement_problem(self.select, captions_per_image=captions, has_filter=self.filter is not None)
+        if problem:
+            raise ValueError(problem)
         return self
+
+
+def agreement_problem(
+    select: SelectConfig, *, captions_per_image: int | None, has_filter: bool, prefix: str = ""
+) -> str | None:
+    """Why ``select``'s agreement options cannot work here, or None (``capfilt run`` and
+    ``capfilt bootstrap`` configs both check with this). Agreement is computed by the filter, among
+    an image's captions: it needs a filter and >= 2 captions per image (None: captions unknown)."""
+    if select.min_agreement is None and select.rank_by != "agreement":
+        return None
+    what = f"{prefix}select.min_agreement / rank_by: agreement"
+    if not has_filter:
+        return f"{what} need a filter section (it computes agreement)"
+    if captions_per_image is not None and captions_per_image < 2:
+        return (
+            f"{what} need >= 2 captions per image, got {captions_per_image} (caption.num_captions x "
+            f"captioners); set {prefix}select.min_agreement=null to keep captions without agreement"
+        )
+    return None
 
 
 # --------------------------------------------------------------------------- loading

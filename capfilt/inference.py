@@ -328,21 +328,23 @@ def text_agreement(
     """
     import torch
 
-    n = len(texts)
-    out = torch.full((n,), float("nan"))
-    if n == 0:
+    out = torch.full((len(texts),), float("nan"))
+    groups: dict[int, list[int]] = {}
+    for t, o in enumerate(owner):
+        groups.setdefault(int(o), []).append(t)
+    # Only texts that have a sibling are encoded: one caption per image costs no text pass at all.
+    shared = [t for members in groups.values() if len(members) > 1 for t in members]
+    if not shared:
         return out
     device = next(med.parameters()).device
     step = max(1, batch_size)
     parts = []
-    for a in range(0, n, step):
-        tokens = tokenize(tokenizer, list(texts[a : a + step]))
+    for a in range(0, len(shared), step):
+        tokens = tokenize(tokenizer, [texts[t] for t in shared[a : a + step]])
         ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
         parts.append(med.text_features(med.encode_text(ids, mask)).float().cpu())
-    feats = torch.cat(parts)
-    groups: dict[int, list[int]] = {}
-    for t, o in enumerate(owner):
-        groups.setdefault(int(o), []).append(t)
+    feats = torch.empty(len(texts), parts[0].shape[1])
+    feats[torch.as_tensor(shared)] = torch.cat(parts)
     for members in groups.values():
         if len(members) < 2:
             continue

@@ -22,6 +22,7 @@ from capfilt.config import (
     RayConfig,
     SelectConfig,
     _Section,
+    agreement_problem,
     load_model,
     load_model_text,
 )
@@ -237,15 +238,15 @@ class BootstrapConfig(_Section):
             raise ValueError(
                 "pretrain.round0_web needs corpus.web_pairs (web images with texts) for a URL-list corpus"
             )
-        select = self.pipeline.select
-        captions = self.pipeline.caption.num_captions * self.ensemble.captioners
-        if (select.min_agreement is not None or select.rank_by == "agreement") and captions < 2:
-            # checked here, not only when round 1's pipeline config is built after hours of training
-            raise ValueError(
-                f"pipeline.select.min_agreement / rank_by: agreement need >= 2 captions per image, got "
-                f"{captions} (pipeline.caption.num_captions x ensemble.captioners); set "
-                "pipeline.select.min_agreement=null to keep captions without agreement"
-            )
+        # checked when the config loads, not only when round 1's pipeline config is built after training
+        problem = agreement_problem(
+            self.pipeline.select,
+            captions_per_image=self.pipeline.caption.num_captions * self.ensemble.captioners,
+            has_filter=True,
+            prefix="pipeline.",
+        )
+        if problem:
+            raise ValueError(problem)
         return self
 
 

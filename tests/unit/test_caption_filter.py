@@ -299,3 +299,17 @@ def test_make_plan_fuses_caption_and_filter_when_asked(models: tuple[str, str], 
         make_plan(
             PipelineConfig.model_validate({"input": base["input"], "filter": fused_cfg.filter.model_dump()})
         )
+
+
+def test_agreement_encodes_no_text_when_every_image_has_one_caption(models: tuple[str, str]) -> None:
+    from capfilt.inference import load_med, text_agreement
+
+    med, tokenizer = load_med(models[0], device=torch.device("cpu"), dtype=torch.float32)
+    calls: list[int] = []
+    real = med.encode_text
+    med.encode_text = lambda ids, mask: calls.append(ids.shape[0]) or real(ids, mask)
+    lone = text_agreement(med, tokenizer, ["a red circle", "a blue star"], [0, 1], batch_size=8)
+    assert calls == [] and all(math.isnan(v) for v in lone.tolist())
+    mixed = text_agreement(med, tokenizer, ["a red circle", "a red circle", "a blue star"], [0, 0, 1], batch_size=8)
+    assert calls == [2]  # only the two captions of image 0 were encoded
+    assert mixed[0].item() == pytest.approx(1.0, abs=1e-5) and math.isnan(mixed[2].item())
