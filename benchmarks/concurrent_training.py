@@ -9,16 +9,25 @@ threads it gets. This script measures that on this machine, with the bootstrap's
 * concurrent: the same two trainings at once, each in its own process with cores/2 threads
   (:func:`capfilt.bootstrap.backend.train_isolated`, what the bootstrap's groups do now).
 
-Both start from the same pre-trained MED and train on the same human pairs of a small demo
-corpus, so they do identical work. Prints wall seconds and samples/s of each mode and the ratio.
+Both start from the same pre-trained MED and train on the same pairs of a small demo corpus
+(human pairs; for ``--kind pretrain`` human + raw web pairs, as MED_0), so they do identical work. Prints wall seconds and samples/s of each mode and the ratio.
 
 ``--compare loader`` measures the other overlap the demo uses: ONE training, its batches decoded
 and tokenized in the training process (``num_workers`` 0) vs in one DataLoader worker process
 while the model trains (``num_workers`` 1, the demo's ``pretrain.num_workers``), alternating
 ``--repeats`` times so a drift in the machine's speed hits both.
 
+``--compare alone`` measures where a training that runs alone (MED_r's pre-training) goes: ONE
+training of the demo's batch (a) in this process (torch's default threads, the config's
+``num_workers``, OpenMP's wait policy as the ``capfilt`` CLI sets it: PASSIVE), (b) in a child
+process with every core's thread, which busy-waits (what ``capfilt bootstrap`` does), (c) split
+across ``--processes`` data-parallel processes (``data_parallel``), each with its share of the batch
+and no loader worker; alternating as above. ``--kind pretrain`` trains from scratch on human + raw
+web pairs, as MED_0 does (its texts, and so its steps, are longer than the human captions).
+
     python benchmarks/concurrent_training.py --steps 150
     python benchmarks/concurrent_training.py --compare loader --kind pretrain --steps 120
+    python benchmarks/concurrent_training.py --compare alone --kind pretrain --steps 120
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the capfilt CLI, which runs the bootstrap, sets it
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
@@ -44,10 +54,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument(
         "--compare",
         default="trainings",
-        choices=("trainings", "loader"),
-        help="trainings: two in turn vs at once; loader: one with 0 vs 1 DataLoader worker",
+        choices=("trainings", "loader", "alone"),
+        help="trainings: two in turn vs at once; loader: one with 0 vs 1 DataLoader worker; "
+        "alone: one in this process vs a child with every core vs --processes data-parallel processes",
     )
-    parser.add_argument("--repeats", type=int, default=2, help="--compare loader: runs per setting")
+    parser.add_argument("--repeats", type=int, default=2, help="--compare loader/data-parallel: runs per setting")
+    parser.add_argument("--processes", type=int, default=2, help="--compare alone: data-parallel processes")
     args = parser.parse_args(argv)
 
     import torch
@@ -65,15 +77,25 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     corpus = work / "corpus"
     if not (corpus / "human.parquet").is_file():
         make_corpus(
-            corpus, images=50, human_images=200, test_images=10, seed=0, size=32, world="demo", progress=False
+            corpus, images=200, human_images=200, test_images=10, seed=0, size=cfg.corpus.size, world="demo",
+            progress=False,
         )
     human = corpus / "human.parquet"
+    if args.kind == "pretrain":  # what MED_0 trains on: human + raw web pairs (longer, noisier texts)
+        import pyarrow as pa
 
-    def config(name: str, init: ModelSection, steps: int, num_workers: int | None = None):
+        from capfilt.bootstrap.pairs import human_pairs, web_pairs, write_pairs
+
+        human = work / "pairs.parquet"
+        if not human.is_file():
+            write_pairs(pa.concat_tables([human_pairs(corpus / "human.parquet"), web_pairs(corpus / "web.parquet")]), human, seed=0)
+
+    def config(name: str, init: ModelSection, steps: int, num_workers: int | None = None, batch: int | None = None):
         if name != "base":
             shutil.rmtree(work / name, ignore_errors=True)  # a rerun measures afresh
         out = settings.training_config(model=init, data=human, out=work / name, seed=0, progress=False)
-        update: dict = {"train": out.train.model_copy(update={"steps": steps, "save_every": steps})}
+        train_update = {"steps": steps, "save_every": steps, "batch_size": batch or out.train.batch_size}
+        update: dict = {"train": out.train.model_copy(update=train_update)}
         if num_workers is not None:
             update["data"] = out.data.model_copy(update={"num_workers": num_workers})
         return out.model_copy(update=update)
@@ -85,7 +107,44 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     init = ModelSection(init=str(base / "model"))
     batch = settings.train.batch_size
     if args.compare == "loader":
-        return _compare_loader(args, config, init, train, batch)
+        runs = {
+            f"num_workers {w}": (lambda name, w=w: train(args.kind, config(name, init, args.steps, w), False))
+            for w in (0, 1)
+        }
+        print(
+            f"one {args.kind} training of {args.steps} steps x batch {batch}, {torch.get_num_threads()} threads, "
+            f"{args.repeats} run(s) per setting, alternating",
+            flush=True,
+        )
+        seconds = _alternate(runs, args.repeats, args.steps * batch)
+        print(f"1 worker / in-process throughput: {seconds['num_workers 0'] / seconds['num_workers 1']:.2f}x "
+              "(each includes loading the model and data)")  # fmt: skip
+        return {"in_process_s": seconds["num_workers 0"], "one_worker_s": seconds["num_workers 1"]}
+    if args.compare == "alone":
+        n = args.processes
+        if batch % n:
+            parser.error(f"--processes {n} does not split the batch of {batch}")
+        if args.kind == "pretrain":  # as MED_0: from scratch (a tokenizer trained on the pairs)
+            init = ModelSection(init="scratch", **cfg.model.model_dump())
+        runs = {
+            "in this process": lambda name: train(args.kind, config(name, init, args.steps), False),
+            f"child process, {cores} threads": lambda name: train_isolated(
+                args.kind, config(name, init, args.steps), False, cores, 1
+            ),
+            f"{n} data-parallel processes": lambda name: train_isolated(
+                args.kind, config(name, init, args.steps, 0, batch // n), False, max(1, cores // n), n
+            ),
+        }
+        print(
+            f"one {args.kind} training of {args.steps} steps x batch {batch}, alone on {cores} cores "
+            f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} here); {args.repeats} run(s) per setting, "
+            "alternating",
+            flush=True,
+        )
+        seconds = _alternate(runs, args.repeats, args.steps * batch)
+        for label, mean in seconds.items():
+            print(f"{label}: {seconds['in this process'] / mean:.2f}x the throughput of this process")
+        return seconds
     samples = 2 * args.steps * batch
     print(f"{cores} cores; two {args.kind} trainings of {args.steps} steps x batch {batch} each", flush=True)
 
@@ -121,28 +180,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return {"sequential_s": sequential, "concurrent_s": concurrent}
 
 
-def _compare_loader(args: argparse.Namespace, config, init, train, batch: int) -> dict[str, float]:
-    """One training with 0 vs 1 DataLoader worker, alternating; prints each run and the means."""
-    import torch
-
-    print(
-        f"one {args.kind} training of {args.steps} steps x batch {batch}, {torch.get_num_threads()} threads, "
-        f"{args.repeats} run(s) per setting, alternating",
-        flush=True,
-    )
-    seconds: dict[int, list[float]] = {0: [], 1: []}
-    for repeat in range(args.repeats):
-        for workers in (0, 1):
+def _alternate(runs: dict, repeats: int, samples: int) -> dict[str, float]:
+    """Run each of ``runs`` (label -> fn(work name)) ``repeats`` times, alternating; mean seconds by label."""
+    seconds: dict[str, list[float]] = {label: [] for label in runs}
+    for repeat in range(repeats):
+        for i, (label, run) in enumerate(runs.items()):
             started = time.perf_counter()
-            train(args.kind, config(f"loader{workers}-{repeat}", init, args.steps, workers), False)
-            seconds[workers].append(time.perf_counter() - started)
-            print(f"num_workers {workers}, run {repeat + 1}: {seconds[workers][-1]:6.1f} s", flush=True)
-    means = {w: sum(v) / len(v) for w, v in seconds.items()}
-    samples = args.steps * batch
-    for w, mean in means.items():
-        print(f"num_workers {w}: mean {mean:6.1f} s ({samples / mean:6.1f} samples/s)")
-    print(f"1 worker / in-process throughput: {means[0] / means[1]:.2f}x (each includes loading the model and data)")
-    return {"in_process_s": means[0], "one_worker_s": means[1]}
+            run(f"run{i}-{repeat}")
+            seconds[label].append(time.perf_counter() - started)
+            print(f"{label}, run {repeat + 1}: {seconds[label][-1]:6.1f} s", flush=True)
+    means = {label: sum(v) / len(v) for label, v in seconds.items()}
+    for label, mean in means.items():
+        print(f"{label}: mean {mean:6.1f} s ({samples / mean:6.1f} samples/s)")
+    return means
 
 
 if __name__ == "__main__":

@@ -173,49 +173,62 @@ def hard_negative_indices(
     sim_t2i: Tensor,
     image_ids: Tensor | None = None,
     generator: torch.Generator | None = None,
+    *,
+    candidate_ids: Tensor | None = None,
+    offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Draw one hard negative image per text and one hard negative text per image (for ITM).
 
     Following BLIP, candidates are weighted by ``softmax(sim) + 1e-4`` so that similar (hard)
     negatives are drawn most often while every negative keeps a chance; the positive (the
-    diagonal, or every pair sharing the image id) gets weight 0 and can never be drawn.
+    pair's own column, or every candidate sharing the image id) gets weight 0 and can never be
+    drawn.
 
     Args:
-        sim_i2t: (B, B) in-batch image-to-text similarities (row i = image i), typically
-            the first B columns of the ITC logits. Not differentiated through.
-        sim_t2i: (B, B) in-batch text-to-image similarities (row j = text j).
-        image_ids: optional (B,) ids; pairs sharing an id are all positives of each other.
+        sim_i2t: (B, N) image-to-text similarities of this batch's B images against N >= B
+            candidate texts, typically the in-batch block of the ITC logits (N == B), or the
+            global batch of every data-parallel rank (row i's own text is column
+            ``offset + i``). Not differentiated through.
+        sim_t2i: (B, N) text-to-image similarities (row j = text j) against the same candidates.
+        image_ids: optional (B,) ids of the rows; pairs sharing an id are all positives.
         generator: optional ``torch.Generator`` (on the sims' device) for reproducible draws.
+        candidate_ids: (N,) ids of the candidates, with ``image_ids`` (default: ``image_ids``,
+            for N == B).
+        offset: the column of row 0's own pair (this rank's first pair in the global batch).
 
     Returns:
-        ``(neg_image_for_text, neg_text_for_image)``, both (B,) int64: entry j of the first is
-        the index of the image paired with text j as a negative; entry i of the second is the
-        index of the text paired with image i.
+        ``(neg_image_for_text, neg_text_for_image)``, both (B,) int64 candidate indices: entry j
+        of the first is the image paired with text j as a negative; entry i of the second is the
+        text paired with image i.
 
     Raises:
-        ValueError: when some pair has no negative at all (B == 1, or every pair in the batch
-        has the same image id), since ITM then has nothing to learn from.
+        ValueError: when some pair has no negative at all (N == 1, or every candidate has the
+        row's image id), since ITM then has nothing to learn from.
     """
     _check_matrix("sim_i2t", sim_i2t, None, None)
-    batch_size = sim_i2t.shape[0]
-    _check_matrix("sim_i2t", sim_i2t, batch_size, batch_size)
-    _check_matrix("sim_t2i", sim_t2i, batch_size, batch_size)
-    if batch_size < 2:
-        raise ValueError(f"ITM hard negatives need a batch of at least 2 pairs, got {batch_size}")
+    batch_size, candidates = sim_i2t.shape
+    _check_matrix("sim_t2i", sim_t2i, batch_size, candidates)
+    if candidates < 2:
+        raise ValueError(f"ITM hard negatives need a batch of at least 2 pairs, got {candidates}")
+    if not 0 <= offset <= candidates - batch_size:
+        raise ValueError(f"offset {offset}: rows 0..{batch_size - 1} must have their pair among {candidates} columns")
 
     with torch.no_grad():
         if image_ids is None:
-            positive = torch.eye(batch_size, dtype=torch.bool, device=sim_i2t.device)
+            own = torch.arange(batch_size, device=sim_i2t.device) + offset
+            positive = own[:, None] == torch.arange(candidates, device=sim_i2t.device)[None, :]
         else:
             ids = image_ids.reshape(-1).to(sim_i2t.device)
             if ids.numel() != batch_size:
                 raise ValueError(f"image_ids must have {batch_size} entries, got {ids.numel()}")
-            positive = ids[:, None] == ids[None, :]
-            # A row with no negative means every id equals that row's id, i.e. all ids are equal.
-            if bool(positive.all()):
+            others = ids if candidate_ids is None else candidate_ids.reshape(-1).to(sim_i2t.device)
+            if others.numel() != candidates:
+                raise ValueError(f"candidate_ids must have {candidates} entries, got {others.numel()}")
+            positive = ids[:, None] == others[None, :]
+            if bool(positive.all(dim=1).any()):
                 raise ValueError(
                     "ITM hard negatives need at least two distinct image ids in a batch; "
-                    f"all {batch_size} pairs share one image id"
+                    f"all {candidates} pairs share one image id"
                 )
         weights_i2t = (F.softmax(sim_i2t.detach().float(), dim=1) + _HARD_NEGATIVE_EPS).masked_fill(
             positive, 0.0

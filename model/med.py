@@ -961,29 +961,51 @@ class MED(nn.Module):
                 text_feat_m = F.normalize(
                     self.text_proj_m(self.text_encoder_m(input_ids, attention_mask)[:, 0]), dim=-1
                 )
+            image_queue, text_queue = self.image_queue.clone().detach(), self.text_queue.clone().detach()
+            idx_queue = self.idx_queue.clone().reshape(-1) if image_ids is not None else None
+            if _world_size() > 1:
+                # The other data-parallel ranks' pairs are candidates too (no gradient flows into
+                # momentum features): each rank scores its pairs against the global batch + queue,
+                # as one process with the whole batch would.
+                image_queue = torch.cat([_others(image_feat_m).T, image_queue], dim=1)
+                text_queue = torch.cat([_others(text_feat_m).T, text_queue], dim=1)
+                if idx_queue is not None:
+                    idx_queue = torch.cat([_others(image_ids.reshape(-1).to(idx_queue.dtype)), idx_queue])
             out["loss_itc"] = L.itc_loss(
                 image_feat,
                 text_feat,
                 image_feat_m,
                 text_feat_m,
-                self.image_queue.clone().detach(),
-                self.text_queue.clone().detach(),
+                image_queue,
+                text_queue,
                 self.temp,
                 alpha,
                 image_ids=image_ids,
-                idx_queue=self.idx_queue.clone() if image_ids is not None else None,
+                idx_queue=idx_queue,
             )
             if self.training:
                 self.dequeue_and_enqueue(image_feat_m, text_feat_m, image_ids)
 
         if "itm" in losses:
+            itm_ids, itm_mask, world = input_ids, attention_mask, _world_size()
             with torch.no_grad():
-                sim_i2t = image_feat @ text_feat.T / self.temp
-                neg_image, neg_text = L.hard_negative_indices(sim_i2t, sim_i2t.T, image_ids=image_ids)
-            # [positives; (negative image, text j); (image i, negative text)] in one pass.
-            images = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])
-            ids = torch.cat([input_ids, input_ids, input_ids[neg_text]])
-            masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
+                # Hard negatives come from the global batch (every data-parallel rank's pairs).
+                sim_i2t = image_feat @ _all_gather(text_feat).T / self.temp
+                sim_t2i = sim_i2t.T if world == 1 else text_feat @ _all_gather(image_feat).T / self.temp
+                neg_image, neg_text = L.hard_negative_indices(
+                    sim_i2t, sim_t2i, image_ids=image_ids,
+                    candidate_ids=_all_gather(image_ids.reshape(-1)) if image_ids is not None else None,
+                    offset=_rank() * len(input_ids),
+                )  # fmt: skip
+                if world > 1:  # every rank's texts padded to one length, to be gathered
+                    itm_ids, itm_mask = _pad_to_longest_rank(input_ids, attention_mask, self.config.pad_token_id)
+            # [positives; (negative image, text j); (image i, negative text)] in one pass. A negative
+            # image from another rank carries its gradient back there (_AllGatherWithGrad).
+            all_images = image_embeds if world == 1 else _AllGatherWithGrad.apply(image_embeds)
+            all_ids, all_mask = _all_gather(itm_ids), _all_gather(itm_mask)
+            images = torch.cat([image_embeds, all_images[neg_image], image_embeds])
+            ids = torch.cat([itm_ids, itm_ids, all_ids[neg_text]])
+            masks = torch.cat([itm_mask, itm_mask, all_mask[neg_text]])
             out["loss_itm"] = L.itm_loss(self.itm_logits(images, ids, masks))
 
         if "lm" in losses:
@@ -1425,15 +1447,72 @@ def load_tokenizer_if_present(directory: Path) -> Any:
     return load_tokenizer(directory)
 
 
-def _all_gather(x: Tensor) -> Tensor:
-    """Concatenate ``x`` over data-parallel ranks (identity without torch.distributed)."""
+def _world_size() -> int:
+    """Data-parallel ranks (1 without torch.distributed)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if _world_size() > 1 else 0
+
+
+def _all_gather(x: Tensor) -> Tensor:
+    """Concatenate ``x`` over data-parallel ranks, rank order (identity without torch.distributed).
+
+    Every rank's ``x`` has the same shape (the trainer gives every rank full batches). No gradient.
+    """
+    import torch.distributed as dist
+
+    if _world_size() == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x.detach().contiguous())
     return torch.cat(parts)
+
+
+def _others(x: Tensor) -> Tensor:
+    """The other ranks' rows of :func:`_all_gather` (this rank's own rows left out)."""
+    gathered, n, rank = _all_gather(x), len(x), _rank()
+    return torch.cat([gathered[: rank * n], gathered[(rank + 1) * n :]])
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """:func:`_all_gather` whose backward sends each rank the gradient of its own rows.
+
+    Each rank's loss may use other ranks' rows (ITM's hard negatives); their gradients are summed
+    over ranks and handed to the rank that owns the rows. DistributedDataParallel then averages
+    the parameter gradients over ranks, which makes the step the global batch's mean loss.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # noqa: D102
+        ctx.rows = len(x)
+        return _all_gather(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # noqa: D102
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = _rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
+def _pad_to_longest_rank(input_ids: Tensor, attention_mask: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
+    """``input_ids`` and ``attention_mask`` padded (pad id, mask 0) to the longest rank's length."""
+    import torch.distributed as dist
+
+    length = torch.tensor([input_ids.shape[1]], device=input_ids.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    pad = int(length) - input_ids.shape[1]
+    if pad == 0:
+        return input_ids, attention_mask
+    return F.pad(input_ids, (0, pad), value=pad_id), F.pad(attention_mask, (0, pad), value=0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,59 +40,121 @@ def train(kind: str, cfg: TrainingConfig, resume: bool) -> Path:
     return train_model(kind, cfg, resume=resume)
 
 
-def train_isolated(kind: str, cfg: TrainingConfig, resume: bool, threads: int) -> Path:
-    """:func:`train` in a child process of its own that uses ``threads`` CPU threads.
+def train_isolated(kind: str, cfg: TrainingConfig, resume: bool, threads: int, processes: int = 1) -> Path:
+    """:func:`train` in child processes of its own: ``processes`` data-parallel ranks, ``threads`` CPU threads each.
 
     ``capfilt bootstrap`` trains independent models (a round's captioner and filter, the ablation's
     pre-trainings) at the same time this way: a small MED on CPU does not use many threads well,
     so on 2 cores two one-thread processes do 1.14-1.18x the work of two two-thread runs one after
     the other (benchmarks/concurrent_training.py; benchmarks/README.md, "Concurrent training"). A
-    process, not a thread:
-    training seeds and draws from torch's process-wide RNG, and each run must stay a
-    deterministic function of its config. The child dies with this process; its
-    ``metrics.jsonl`` drives a progress bar here. A :class:`UserError` (or a checkpoint that
-    cannot be loaded) in the child is raised here as a :class:`UserError`; any other failure as
-    a :class:`RuntimeError` with the child's traceback.
+    training that runs alone (MED_r's pre-training) gets all the cores in a child whose OpenMP
+    threads busy-wait (``OMP_WAIT_POLICY=ACTIVE`` when ``threads`` > 1): the CLI sets PASSIVE for the
+    pipeline's Ray tasks and loader workers, which made a two-thread pre-training 1.6x slower. With
+    ``processes`` > 1 the training is split across ranks of torch DistributedDataParallel (gloo on
+    CPU, one GPU each with CUDA), as ``torchrun`` would start them; ``cfg.train.batch_size`` is then
+    each rank's share of the batch.
+    Processes, not threads: training seeds and draws from torch's process-wide RNG, and each run
+    must stay a deterministic function of its config. The children die with this process; rank
+    0's ``metrics.jsonl`` drives a progress bar here. When one rank fails the others are stopped
+    (they would wait for it in the next all-reduce). A :class:`UserError` (or a checkpoint that
+    cannot be loaded) in a child is raised here as a :class:`UserError`; any other failure as a
+    :class:`RuntimeError` with the child's traceback.
     """
     import multiprocessing
 
     from tqdm import tqdm
 
     ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
-    receive, send = ctx.Pipe(duplex=False)
     quiet = cfg.model_copy(update={"train": cfg.train.model_copy(update={"progress": False})})
-    child = ctx.Process(
-        target=_train_child,
-        args=(kind, quiet, resume, threads, os.getpid(), send),
-        name=f"capfilt-train-{kind}",
-    )
-    child.start()
-    send.close()
+    port = _free_loopback_port() if processes > 1 else 0
+    children, pipes = [], []
+    for rank in range(processes):
+        env = (
+            {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(processes),
+             "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            if processes > 1 else {}
+        )  # fmt: skip
+        receive, send = ctx.Pipe(duplex=False)
+        child = ctx.Process(
+            target=_train_child,
+            args=(kind, quiet, resume, threads, env, os.getpid(), send),
+            name=f"capfilt-train-{kind}" + (f"-rank{rank}" if processes > 1 else ""),
+        )
+        with _spawn_environment({"OMP_WAIT_POLICY": "ACTIVE"} if threads > 1 else {}):
+            child.start()  # a spawned child imports torch (and reads OpenMP's settings) as it starts
+        send.close()
+        children.append(child)
+        pipes.append(receive)
     metrics = Path(cfg.output.dir) / "metrics.jsonl"
+    layout = f"{threads} thread{'s' if threads != 1 else ''}"
+    if processes > 1:
+        layout = f"{processes} processes x {layout}"
     bar = tqdm(
-        total=cfg.train.steps, desc=f"{kind} ({threads} thread{'s' if threads != 1 else ''})", unit="step",
+        total=cfg.train.steps, desc=f"{kind} ({layout})", unit="step",
         disable=not cfg.train.progress, dynamic_ncols=True, leave=True,
     )  # fmt: skip
     try:
-        while child.is_alive():
-            child.join(timeout=1.0)
+        while any(child.is_alive() for child in children):
+            children[0].join(timeout=1.0)
             bar.update(max(0, _last_step(metrics) - bar.n))
+            if any(child.exitcode not in (None, 0) for child in children):
+                break  # one rank failed: the others would block in their next all-reduce
     finally:
-        if child.is_alive():
-            child.terminate()
+        for child in children:
+            if child.is_alive():
+                child.terminate()
             child.join()
         bar.close()
+    outcomes = [_child_outcome(child, receive) for child, receive in zip(children, pipes, strict=True)]
+    failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
+    for _, (what, message, _trace) in failed:
+        if what == "user":
+            raise UserError(message)
+    if failed:
+        # every rank that failed, and how: a rank killed from outside ("exit code -9") shows up next to
+        # the rank that lost its peer in an all-reduce
+        said = "; ".join(f"rank {rank}: {message}" if processes > 1 else message for rank, (_, message, _) in failed)
+        trace = next((trace for _, (_, _, trace) in failed if trace), "")
+        raise RuntimeError(f"{kind} training (child process) failed: {said}\n{trace}".rstrip())
+    return Path(cfg.output.dir)
+
+
+_ENVIRON_LOCK = threading.Lock()
+
+
+@contextmanager
+def _spawn_environment(changes: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``changes`` while a child process starts (it inherits them), then as before."""
+    with _ENVIRON_LOCK:
+        saved = {name: os.environ.get(name) for name in changes}
+        os.environ.update(changes)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def _child_outcome(child: Any, receive: Any) -> tuple[str, str, str] | None:
+    """What a finished :func:`_train_child` reported: None (done), or (kind, message, traceback)."""
     try:
         outcome = receive.recv() if receive.poll() else ("crash", f"exit code {child.exitcode}", "")
     except EOFError:  # died before it could say why (killed, out of memory)
         outcome = ("crash", f"exit code {child.exitcode}", "")
     receive.close()
-    if outcome is not None:
-        what, message, trace = outcome
-        if what == "user":
-            raise UserError(message)
-        raise RuntimeError(f"{kind} training (child process) failed: {message}\n{trace}".rstrip())
-    return Path(cfg.output.dir)
+    return outcome
+
+
+def _free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 now: rank 0 of a data-parallel training listens on it."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _last_step(metrics: Path) -> int:
@@ -109,8 +171,10 @@ def _last_step(metrics: Path) -> int:
     return 0
 
 
-def _train_child(kind: str, cfg: TrainingConfig, resume: bool, threads: int, parent: int, conn: Any) -> None:
-    """Body of :func:`train_isolated`'s process: train, report the outcome through ``conn``."""
+def _train_child(
+    kind: str, cfg: TrainingConfig, resume: bool, threads: int, env: dict[str, str], parent: int, conn: Any
+) -> None:
+    """Body of :func:`train_isolated`'s processes: train (as rank ``env["RANK"]`` when given), report through ``conn``."""
 
     def die_with_parent() -> None:  # a killed bootstrap must not leave trainings writing behind it
         while os.getppid() == parent:
@@ -118,6 +182,7 @@ def _train_child(kind: str, cfg: TrainingConfig, resume: bool, threads: int, par
         os._exit(1)
 
     threading.Thread(target=die_with_parent, daemon=True).start()
+    os.environ.update(env)  # torch.distributed's env:// rendezvous (the trainer reads WORLD_SIZE)
     import torch
 
     from model.errors import CheckpointError
@@ -192,8 +257,9 @@ class Backend:
     """``make_corpus(out, images=, seed=, noise=, size=, world=, human_images=, test_images=, progress=)``."""
     train: Callable[[str, TrainingConfig, bool], Path] = train
     """``train(kind, cfg, resume)``: writes ``cfg.output.dir`` (``model/``, and ``hf/`` but for pretrain)."""
-    train_isolated: Callable[[str, TrainingConfig, bool, int], Path] = train_isolated
-    """``train_isolated(kind, cfg, resume, threads)``: the same, in a process of its own with ``threads`` threads."""
+    train_isolated: Callable[[str, TrainingConfig, bool, int, int], Path] = train_isolated
+    """``train_isolated(kind, cfg, resume, threads, processes)``: the same, in ``processes`` data-parallel
+    processes of their own with ``threads`` threads each (``cfg.train.batch_size`` per process)."""
     run_pipeline: Callable[[PipelineConfig], Path | None] = run_pipeline
     evaluate: Callable[..., dict[str, Any]] = evaluate
     """``evaluate(model_path, test_path, batch_size=, k_test=, num_beams=, ...)``."""

@@ -43,6 +43,8 @@ from capfilt.train import (
 MODEL_PLACEHOLDER = "(bootstrap)"
 """Stands for the captioner/filter a round trains; the user may not set pipeline models."""
 DEFAULT_CONFIG = "bootstrap_demo.yaml"
+MIN_BATCH_PER_PROCESS = 16
+"""``data_parallel: auto`` splits a training no further than this many samples of the batch per process."""
 
 
 class CorpusSection(_Section):
@@ -230,7 +232,26 @@ class BootstrapConfig(_Section):
             "training runs on CPU (no CUDA device)."
         ),
     )
+    data_parallel: int | Literal["auto"] = Field(
+        default=1,
+        description=(
+            "Processes one training is split across (torch DistributedDataParallel: gloo on CPU, one "
+            "GPU each with CUDA; the global batch stays the configured batch_size, split evenly). "
+            "Every rank scores its pairs against the whole global batch for ITC and draws ITM hard "
+            "negatives from it, so the split changes speed, not the loss. 1: off (on this 2-core "
+            "machine one process with both cores is faster: benchmarks/README.md, \"Data-parallel "
+            f"pre-training\"). auto: on CPU as many as the training's share of the cores while each keeps "
+            f">= {MIN_BATCH_PER_PROCESS} samples of the batch; with CUDA 1. N: N (2 on a 2-GPU node)."
+        ),
+    )
     output: BootstrapOutput = Field(default_factory=BootstrapOutput)
+
+    @field_validator("data_parallel")
+    @classmethod
+    def _processes_at_least_one(cls, value: int | str) -> int | str:
+        if value != "auto" and int(value) < 1:
+            raise ValueError("data_parallel: 1 or more processes, or auto")
+        return value
 
     @model_validator(mode="after")
     def _round0_web_needs_pairs(self) -> BootstrapConfig:
@@ -250,7 +271,7 @@ class BootstrapConfig(_Section):
         return self
 
 
-FREE_FIELDS = {"rounds", "ablation", "output", "concurrent_training"}
+FREE_FIELDS = {"rounds", "ablation", "output", "concurrent_training", "data_parallel"}
 """Fields that may change between a run and its rerun without changing what was written."""
 
 

@@ -10,7 +10,8 @@
 
 A round's captioner(s) and filter(s) depend only on MED_{r-1}, and the ablation's pre-trainings
 only on round 1's output: with ``concurrent_training`` (on CPU by default) each such group trains
-at the same time, one process per model with a share of the cores.
+at the same time, one process per model with a share of the cores. A training with cores to
+spare (MED_r's pre-training runs alone) is split across data-parallel processes (``data_parallel``).
 
 Every step writes into a hidden staging path next to its artifact (``round-1/.filter.partial``)
 and is committed by an atomic rename to ``round-1/filter`` followed by an atomic rewrite of
@@ -50,7 +51,14 @@ import yaml
 from pydantic import BaseModel
 
 from capfilt.bootstrap.backend import REAL, Backend
-from capfilt.bootstrap.config import FREE_FIELDS, BootstrapConfig, BootstrapOutput, StepTraining, load_config
+from capfilt.bootstrap.config import (
+    FREE_FIELDS,
+    MIN_BATCH_PER_PROCESS,
+    BootstrapConfig,
+    BootstrapOutput,
+    StepTraining,
+    load_config,
+)
 from capfilt.bootstrap.pairs import count_sources, human_pairs, selected_pairs, web_pairs, write_pairs
 from capfilt.bootstrap.steps import STATE_FILE, State, Step, remove_path, run_steps, step_table
 from capfilt.bootstrap.summary import (
@@ -139,31 +147,41 @@ class Bootstrap:
         add("round-0/eval", self.round_dir(0) / "eval.json", self._eval_step(0), resumable=False)
         for r in range(1, rounds + 1):
             rd = self.round_dir(r)
-            threads = self.threads_per_training(cfg.ensemble.captioners + cfg.ensemble.filters)
+            group = cfg.ensemble.captioners + cfg.ensemble.filters
             for kind, count in (("captioner", cfg.ensemble.captioners), ("filter", cfg.ensemble.filters)):
                 for i in range(count):
                     name = self.member_name(kind, i)
-                    run = self._finetune_step(kind, r, i, threads)
+                    run = self._finetune_step(kind, r, i, group)
                     add(f"round-{r}/{name}", rd / name, run, group=f"round-{r}/fine-tune")
             add(f"round-{r}/pipeline", rd / "pipeline", self._pipeline_step(r))
             add(f"round-{r}/pretrain", rd / "pretrain", self._pretrain_step(r))
             add(f"round-{r}/eval", rd / "eval.json", self._eval_step(r), resumable=False)
         if ablation:
             variants = self.ablation_variants_to_train()
-            threads = self.threads_per_training(len(variants))
             for variant in variants:
                 base = self.run_dir / "ablation" / variant
-                run = self._ablation_pretrain_step(variant, threads)
+                run = self._ablation_pretrain_step(variant, len(variants))
                 add(f"ablation/{variant}/pretrain", base / "pretrain", run, group="ablation/pretrain")
             for variant in variants:
                 base = self.run_dir / "ablation" / variant
                 add(f"ablation/{variant}/eval", base / "eval.json", self._ablation_eval_step(variant), False)
         return steps
 
-    def threads_per_training(self, group_size: int) -> int | None:
-        """CPU threads for each training of a group of ``group_size`` run at once (None: in this process)."""
+    def placement(self, group_size: int, batch_size: int) -> Placement | None:
+        """Where each training of a group of ``group_size`` run at once trains (None: in this process).
+
+        The group shares the cores (``concurrent_training``): each training in a child process with
+        its share of them, a lone training (MED_r) with all of them (a child process, because the CLI
+        sets ``OMP_WAIT_POLICY=PASSIVE``, which costs a multi-threaded training 1.6x, and a child
+        can busy-wait: :func:`~capfilt.bootstrap.backend.train_isolated`). A share may be split
+        across data-parallel processes (``data_parallel``) of ``batch_size // processes`` samples.
+        """
         at_once = min(group_size, self.slots)
-        return None if at_once <= 1 else max(1, available_cores() // at_once)
+        share = max(1, available_cores() // at_once)
+        processes = data_parallel_processes(self.cfg.data_parallel, share, batch_size)
+        if processes <= 1 and (self.slots <= 1 or share * at_once <= 1):
+            return None  # concurrent_training off, or one core: in this process
+        return Placement(processes=processes, threads=max(1, share // processes))
 
     def _corpus_step(self, staging: Path, resuming: bool) -> None:
         drawn = {"images", "human_images", "test_images", "seed", "noise", "size", "world"}
@@ -180,13 +198,13 @@ class Bootstrap:
         seed: int,
         staging: Path,
         resuming: bool,
-        threads: int | None = None,
+        group: int = 1,
     ) -> None:
         """Train ``kind`` on ``data`` into ``staging`` (continuing its newest checkpoint when resuming).
 
         The step's :class:`~capfilt.train.TrainingConfig` goes to the trainer as an object; its YAML
         is written next to the output (``bootstrap-train.yaml``) only as the record of what ran.
-        ``threads``: train in a process of its own with that many CPU threads (a concurrent group).
+        ``group``: how many trainings run at the same time as this one's group (:meth:`placement`).
         """
         from model.train import list_checkpoints
 
@@ -197,20 +215,37 @@ class Bootstrap:
         config = settings.training_config(
             model=model, data=data, out=staging, seed=seed, progress=self.progress
         )
-        staging.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(staging / "bootstrap-train.yaml", dump(config))
         resume = resuming and bool(list_checkpoints(staging))
         if resuming and not resume:
             # Killed before the first checkpoint: nothing to continue, start this step afresh.
             for child in staging.iterdir():
                 if child.name not in ("bootstrap-train.yaml", "data"):
                     remove_path(child)
-        if threads is None:
+        batch = config.train.batch_size
+        where = self.placement(group, batch)
+        written_by = checkpoint_processes(staging) if resume else None
+        if written_by is not None and written_by != (where.processes if where else 1):
+            # continue as the checkpoint was written (its data stream is split that way)
+            if batch % written_by:
+                raise UserError(f"{staging}: its checkpoint was written by {written_by} processes; "
+                                f"batch_size {batch} does not split evenly across them")  # fmt: skip
+            cores = where.processes * where.threads if where else 1
+            where = Placement(processes=written_by, threads=max(1, cores // written_by))
+        header = ""
+        if where is not None and where.processes > 1:
+            config = config.model_copy(
+                update={"train": config.train.model_copy(update={"batch_size": batch // where.processes})}
+            )
+            header = (f"# data-parallel: {where.processes} processes; train.batch_size is each one's share "
+                      f"of the batch of {batch}\n")  # fmt: skip
+        staging.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(staging / "bootstrap-train.yaml", header + dump(config))
+        if where is None:
             self.backend.train(kind, config, resume)
         else:
-            self.backend.train_isolated(kind, config, resume, threads)
+            self.backend.train_isolated(kind, config, resume, where.threads, where.processes)
 
-    def _finetune_step(self, kind: str, r: int, i: int, threads: int | None) -> Callable[[Path, bool], None]:
+    def _finetune_step(self, kind: str, r: int, i: int, group: int) -> Callable[[Path, bool], None]:
         settings = self.cfg.captioner if kind == "captioner" else self.cfg.filter
 
         def run(staging: Path, resuming: bool) -> None:
@@ -222,7 +257,7 @@ class Bootstrap:
                 seed=settings.train.seed + 1000 * r + i,
                 staging=staging,
                 resuming=resuming,
-                threads=threads,
+                group=group,
             )
 
         return run
@@ -245,7 +280,7 @@ class Bootstrap:
         init: str,
         staging: Path,
         resuming: bool,
-        threads: int | None = None,
+        group: int = 1,
         captions: str | None = None,
     ) -> None:
         settings = self.cfg.pretrain
@@ -259,7 +294,7 @@ class Bootstrap:
             seed=settings.train.seed,
             staging=staging,
             resuming=resuming,
-            threads=threads,
+            group=group,
         )
 
     def pretrain_pairs(self, r: int) -> Any:
@@ -302,7 +337,7 @@ class Bootstrap:
             raise UserError(f"{pipeline_dir / 'config.yaml'}: missing or not a pipeline config")
         return selected_pairs(pipeline_dir, variant_rules(capfilt)[variant])
 
-    def _ablation_pretrain_step(self, variant: str, threads: int | None) -> Callable[[Path, bool], None]:
+    def _ablation_pretrain_step(self, variant: str, group: int) -> Callable[[Path, bool], None]:
         def run(staging: Path, resuming: bool) -> None:
             import pyarrow as pa
 
@@ -315,7 +350,7 @@ class Bootstrap:
                 )
             # Same budget and start as round 1's MED: only the data differs.
             init = "scratch" if self.cfg.from_scratch else str(self.model_dir(0))
-            self._pretrain(data, init=init, staging=staging, resuming=resuming, threads=threads)
+            self._pretrain(data, init=init, staging=staging, resuming=resuming, group=group)
 
         return run
 
@@ -534,6 +569,51 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How one training runs outside the bootstrap's process (:meth:`Bootstrap.placement`)."""
+
+    processes: int
+    """data-parallel ranks (1: one process)"""
+    threads: int
+    """CPU threads of each"""
+
+
+def data_parallel_processes(setting: int | str, cores: int, batch_size: int) -> int:
+    """How many data-parallel processes a training with ``cores`` cores to itself uses (``data_parallel``).
+
+    auto: on CPU the most processes, up to ``cores``, that split ``batch_size`` evenly with at least
+    :data:`MIN_BATCH_PER_PROCESS` samples each (MED_r alone on 2 cores, batch 32: 2 processes of 16,
+    1.5x the samples/s of one process: benchmarks/README.md, "Data-parallel pre-training"); with
+    CUDA one (a GPU is not split between processes unless asked). N: N, which must divide the batch.
+    """
+    if setting == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return 1
+        fits = [n for n in range(1, cores + 1) if batch_size % n == 0 and batch_size // n >= MIN_BATCH_PER_PROCESS]
+        return max(fits, default=1)
+    processes = int(setting)
+    if batch_size % processes:
+        raise UserError(f"data_parallel: {processes} processes do not split train.batch_size {batch_size} evenly")
+    return processes
+
+
+def checkpoint_processes(out: Path) -> int | None:
+    """How many data-parallel processes wrote ``out``'s newest checkpoint (None: no readable one)."""
+    from model.train import STATE_FILE as TRAINER_STATE
+    from model.train import list_checkpoints
+
+    found = list_checkpoints(out)
+    if not found:
+        return None
+    try:
+        return int(json.loads((found[-1] / TRAINER_STATE).read_text(encoding="utf-8"))["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def training_slots(setting: bool | str) -> int:

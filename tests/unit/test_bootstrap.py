@@ -132,9 +132,9 @@ def fake_evaluate(model_path: Path, data_path: Path, **kwargs: Any) -> dict[str,
     }
 
 
-def fake_isolated(kind: str, cfg: TrainingConfig, resume: bool, threads: int) -> Path:
-    """The fake training for steps of a concurrent group (``threads`` is what the child would use)."""
-    assert threads >= 1
+def fake_isolated(kind: str, cfg: TrainingConfig, resume: bool, threads: int, processes: int) -> Path:
+    """The fake training for steps trained in child processes (``processes`` ranks of ``threads`` threads)."""
+    assert threads >= 1 and processes >= 1
     return fake_training(kind, cfg, resume)
 
 
@@ -294,30 +294,88 @@ def test_a_failing_step_of_a_group_lets_the_others_finish_and_commit(tmp_path: P
 
 
 @pytest.mark.parametrize(
-    ("cores", "setting", "group", "threads"),
+    ("cores", "concurrent", "parallel", "group", "batch", "where"),
     [
-        (2, True, 2, 1),  # the demo's captioner + filter on this machine: one core each
-        (2, True, 3, 1),  # the ablation's three pre-trainings: all at once, one thread each
-        (4, True, 2, 2),
-        (8, True, 3, 2),
-        (1, True, 2, None),  # one core: one after the other, in this process
-        (4, False, 2, None),
-        (4, True, 1, None),  # a group of one trains in this process
+        (2, "true", "1", 2, 32, (1, 1)),  # the demo's captioner + filter on this machine: one core each
+        (2, "true", "1", 3, 32, (1, 1)),  # the ablation's three pre-trainings: all at once, one thread each
+        (2, "true", "1", 1, 32, (1, 2)),  # MED_r alone: a child process with both cores
+        (8, "true", "1", 3, 32, (1, 2)),
+        (1, "true", "1", 2, 32, None),  # one core: one after the other, in this process
+        (4, "false", "1", 2, 32, None),  # concurrent_training off: in this process
+        (4, "false", "1", 1, 32, None),
+        (2, "true", "auto", 1, 32, (2, 1)),  # data-parallel: 2 processes of 16 samples, a core each
+        (2, "false", "auto", 1, 32, (2, 1)),  # data-parallel does not need concurrent_training
+        (2, "true", "auto", 1, 24, (1, 2)),  # 2 x 12 would be under 16 per process
+        (8, "true", "auto", 1, 32, (2, 4)),  # at most 32 // 16 processes, the cores shared among them
+        (8, "true", "auto", 1, 64, (4, 2)),
+        (8, "true", "auto", 2, 64, (4, 1)),
+        (2, "true", "auto", 2, 32, (1, 1)),
+        (1, "true", "2", 1, 32, (2, 1)),  # asked for: 2 processes even on one core
     ],
 )
-def test_concurrent_training_shares_the_cores_among_a_group(
+def test_placement_shares_the_cores_among_a_group_and_splits_a_training_across_processes(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     cores: int,
-    setting: bool,
+    concurrent: str,
+    parallel: str,
     group: int,
-    threads: int | None,
+    batch: int,
+    where: tuple[int, int] | None,
 ) -> None:
-    from capfilt.bootstrap.planner import Bootstrap
+    from capfilt.bootstrap.planner import Bootstrap, Placement
 
     monkeypatch.setattr("capfilt.bootstrap.planner.available_cores", lambda: cores)
-    cfg = bootstrap.load_config(None, [*SMALL, f"concurrent_training={str(setting).lower()}"])
-    assert Bootstrap(cfg=cfg, run_dir=tmp_path, backend=FAKES).threads_per_training(group) == threads
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    cfg = bootstrap.load_config(None, [*SMALL, f"concurrent_training={concurrent}", f"data_parallel={parallel}"])
+    expected = Placement(processes=where[0], threads=where[1]) if where else None
+    assert Bootstrap(cfg=cfg, run_dir=tmp_path, backend=FAKES).placement(group, batch) == expected
+
+
+def test_data_parallel_refuses_a_batch_it_cannot_split_and_a_count_under_one(tmp_path: Path) -> None:
+    from capfilt.bootstrap.planner import data_parallel_processes
+
+    with pytest.raises(UserError, match="do not split train.batch_size 32 evenly"):
+        data_parallel_processes(3, 2, 32)
+    with pytest.raises(UserError, match="data_parallel"):
+        bootstrap.load_config(None, [*SMALL, "data_parallel=0"])
+
+
+def test_data_parallel_steps_record_each_process_share_and_resume_as_their_checkpoint_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data_parallel=2: MED_r trains in 2 processes of 16 (the record says so in a header); a step
+    resumed from a checkpoint written by 2 processes continues with 2 even after data_parallel=1."""
+    from dataclasses import replace
+
+    from capfilt.bootstrap.planner import Bootstrap
+
+    calls: list[tuple[str, int, int, int]] = []
+
+    def isolated(kind: str, cfg: TrainingConfig, resume: bool, threads: int, processes: int) -> Path:
+        calls.append((kind, threads, processes, cfg.train.batch_size))
+        return fake_training(kind, cfg, resume)
+
+    monkeypatch.setattr("capfilt.bootstrap.planner.available_cores", lambda: 2)
+    backend = replace(FAKES, train_isolated=isolated)
+    cfg = bootstrap.load_config(None, [*SMALL, "data_parallel=2"])
+    boot = Bootstrap(cfg=cfg, run_dir=tmp_path / "run", backend=backend, progress=False)
+    human = bootstrap.load_config(None, SMALL)
+    data = tmp_path / "pairs.parquet"
+    data.write_bytes(b"pairs")  # the fake training digests the bytes only
+    staging = tmp_path / "run" / "round-0" / ".pretrain.partial"
+    boot._pretrain(data, init="scratch", staging=staging, resuming=False)
+    assert calls[-1] == ("pretrain", 1, 2, 16)
+    record = (staging / "bootstrap-train.yaml").read_text()
+    assert record.startswith("# data-parallel: 2 processes; train.batch_size is each one's share of the batch of 32")
+
+    (staging / "checkpoints" / "step_00000001" / "trainer.json").write_text(json.dumps({"world_size": 2}))
+    one = Bootstrap(cfg=human, run_dir=tmp_path / "run", backend=backend, progress=False)
+    one._pretrain(data, init="scratch", staging=staging, resuming=True)
+    assert calls[-1] == ("pretrain", 1, 2, 16)  # as written, not the one process asked for now
+    (staging / "checkpoints" / "step_00000001" / "trainer.json").write_text(json.dumps({"world_size": 3}))
+    with pytest.raises(UserError, match="written by 3 processes"):
+        one._pretrain(data, init="scratch", staging=staging, resuming=True)
 
 
 def test_step_table_counts_a_group_once_by_its_longest_step(tmp_path: Path) -> None:
@@ -469,31 +527,35 @@ def test_training_steps_get_the_demo_settings_as_the_config_object_they_record(
     from capfilt.config import load_model
 
     received: list[tuple[str, TrainingConfig]] = []
-    isolated: dict[str, int] = {}
+    isolated: list[tuple[str, int, int]] = []
 
     def recording(kind: str, cfg: TrainingConfig, resume: bool) -> Path:
         assert isinstance(cfg, TrainingConfig)
         received.append((kind, cfg))
         return fake_training(kind, cfg, resume)
 
-    def recording_isolated(kind: str, cfg: TrainingConfig, resume: bool, threads: int) -> Path:
-        isolated[kind] = threads
+    def recording_isolated(kind: str, cfg: TrainingConfig, resume: bool, threads: int, processes: int) -> Path:
+        isolated.append((kind, threads, processes))
         return recording(kind, cfg, resume)
 
-    # Two cores, concurrency on: the captioner and the filter train at the same time, one core each.
+    # Two cores, concurrency on: the captioner and the filter train at the same time, one core each;
+    # MED_0 and MED_1, alone, in a child process with both cores.
     monkeypatch.setattr("capfilt.bootstrap.planner.available_cores", lambda: 2)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     run = bootstrap.run_bootstrap(
         None, [*SMALL, "concurrent_training=true"], out=tmp_path / "run", progress=False,
         backend=replace(FAKES, train=recording, train_isolated=recording_isolated),
     )  # fmt: skip
-    assert isolated == {"captioner": 1, "filter": 1}  # MED_0 and MED_1 train in this process
+    assert sorted(isolated) == [("captioner", 1, 1), ("filter", 1, 1), ("pretrain", 2, 1), ("pretrain", 2, 1)]
     received[1:3] = sorted(received[1:3], key=lambda item: item[0])  # the two ran concurrently
     assert [kind for kind, _ in received] == ["pretrain", "captioner", "filter", "pretrain"]
     for kind, cfg in received:
         staging = Path(cfg.output.dir)
         target = staging.with_name(staging.name.removeprefix(".").removesuffix(".partial"))
+        record = (target / "bootstrap-train.yaml").read_text()
         assert load_model(TrainingConfig, target / "bootstrap-train.yaml") == cfg
-        assert cfg.train.batch_size == 32 and cfg.optim.lr == 1e-3 and cfg.optim.clip_grad_norm == 5.0
+        assert cfg.train.batch_size == 32 and not record.startswith("# data-parallel")
+        assert cfg.optim.lr == 1e-3 and cfg.optim.clip_grad_norm == 5.0
         assert cfg.data.max_length == 32
         # MED_0 and MED_1 load batches in one DataLoader worker (pretrain.num_workers); the two
         # fine-tunes, one core each at the same time, load in their own process.

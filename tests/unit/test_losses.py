@@ -217,6 +217,31 @@ def test_hard_negatives_prefer_similar_pairs_and_follow_the_right_matrix() -> No
     assert neg_txt.tolist() == [(k + 2) % batch for k in range(batch)]
 
 
+def test_hard_negatives_over_a_global_batch_never_draw_the_rows_own_pair() -> None:
+    """A data-parallel rank draws from every rank's pairs: rows are its B pairs, columns the N of
+    the global batch, its own pair at column offset + i (or any column sharing its image id)."""
+    gen = torch.Generator().manual_seed(1)
+    batch, ranks = 4, 3
+    for rank in range(ranks):
+        offset = rank * batch
+        # make the row's own column by far the most similar: a sampler ignoring the offset picks it
+        sims = torch.randn(batch, batch * ranks, generator=gen)
+        sims[torch.arange(batch), offset + torch.arange(batch)] += 50
+        neg_img, neg_txt = hard_negative_indices(sims, sims.clone(), generator=gen, offset=offset)
+        assert bool((neg_img != offset + torch.arange(batch)).all()) and bool((neg_txt != offset + torch.arange(batch)).all())
+        assert int(neg_img.max()) < batch * ranks
+        ids_all = torch.arange(batch * ranks) % 5  # ids repeat across ranks: every match is a positive
+        ids = ids_all[offset : offset + batch]
+        neg_img, neg_txt = hard_negative_indices(
+            sims, sims.clone(), image_ids=ids, generator=gen, candidate_ids=ids_all, offset=offset
+        )
+        assert bool((ids_all[neg_img] != ids).all()) and bool((ids_all[neg_txt] != ids).all())
+    with pytest.raises(ValueError, match="offset"):
+        hard_negative_indices(torch.zeros(4, 8), torch.zeros(4, 8), offset=5)
+    with pytest.raises(ValueError, match="candidate_ids"):
+        hard_negative_indices(torch.zeros(2, 4), torch.zeros(2, 4), image_ids=torch.tensor([0, 1]))
+
+
 def test_hard_negatives_reproducible_with_generator() -> None:
     sims = torch.randn(6, 6, generator=torch.Generator().manual_seed(5))
     first = hard_negative_indices(sims, sims.t(), generator=torch.Generator().manual_seed(9))

@@ -275,3 +275,84 @@ def test_thirty_steps_on_eight_pairs_drive_all_three_losses_down():
         first = sum(h[key] for h in history[:3]) / 3
         last = sum(h[key] for h in history[-3:]) / 3
         assert last < 0.7 * first, (key, first, last)
+
+
+# ---- data-parallel ranks see the global batch --------------------------------------------------
+
+
+def _global_batch(n: int = 8):
+    """8 pairs with repeated image ids (positives across ranks) and texts of unequal padding."""
+    gen = torch.Generator().manual_seed(4)
+    pixels = torch.randn(n, 3, 32, 32, generator=gen)
+    ids = torch.randint(5, 56, (n, 9), generator=gen)
+    ids[:, 0] = 2
+    mask = torch.ones_like(ids)
+    ids[n // 2 :, 6:], mask[n // 2 :, 6:] = 0, 0  # the second half's texts are shorter
+    image_ids = torch.tensor([0, 1, 2, 3, 4, 1, 5, 6])
+    return pixels, ids, mask, image_ids
+
+
+def _first_choice(weights, num_samples, generator=None):
+    """Deterministic stand-in for torch.multinomial: the heaviest candidate (same in both runs)."""
+    return weights.argmax(dim=1, keepdim=True)
+
+
+def _losses_and_grads(med: MED, pixels, ids, mask, image_ids) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    med.zero_grad()
+    out = med(pixels, ids, mask, image_ids=image_ids, alpha=0.4, losses=("itc", "itm"))
+    sum(out.values()).backward()
+    grads = {n: p.grad.detach().clone() for n, p in med.named_parameters() if p.grad is not None}
+    return {k: float(v.detach()) for k, v in out.items()}, grads
+
+
+def _rank_worker(rank: int, out_dir: str, port: int) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        torch.multinomial = _first_choice  # type: ignore[assignment]
+        pixels, ids, mask, image_ids = _global_batch()
+        half = slice(rank * 4, rank * 4 + 4)
+        length = int(mask[half].sum(dim=1).max())  # each rank pads its texts to its own longest
+        med = small_med(alpha=0.4).train()
+        med.image_queue.normal_(generator=torch.Generator().manual_seed(7))  # a queue with content
+        med.text_queue.normal_(generator=torch.Generator().manual_seed(8))
+        med.idx_queue.copy_(torch.arange(100, 108).reshape(med.idx_queue.shape))
+        losses, grads = _losses_and_grads(med, pixels[half], ids[half, :length], mask[half, :length], image_ids[half])
+        for grad in grads.values():  # what DistributedDataParallel does with them
+            dist.all_reduce(grad)
+            grad /= 2
+        torch.save({"losses": losses, "grads": grads}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_compute_the_global_batch_losses_and_gradients(tmp_path, monkeypatch):
+    """Two gloo ranks with 4 pairs each = one process with all 8: ITC scores each pair against the
+    other rank's pairs (as extra queue entries) and ITM draws hard negatives from both ranks, the
+    gradient of another rank's negative image flowing back to it. The averaged losses and the
+    DDP-averaged gradients equal the single process's (hard negatives made deterministic)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_rank_worker, args=(str(tmp_path), port), nprocs=2, start_method="fork")
+
+    monkeypatch.setattr(torch, "multinomial", _first_choice)
+    med = small_med(alpha=0.4).train()
+    med.image_queue.normal_(generator=torch.Generator().manual_seed(7))
+    med.text_queue.normal_(generator=torch.Generator().manual_seed(8))
+    med.idx_queue.copy_(torch.arange(100, 108).reshape(med.idx_queue.shape))
+    losses, grads = _losses_and_grads(med, *_global_batch())
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for key, value in losses.items():
+        assert (ranks[0]["losses"][key] + ranks[1]["losses"][key]) / 2 == pytest.approx(value, abs=1e-5), key
+    assert set(ranks[0]["grads"]) == set(grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(ranks[0]["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(ranks[1]["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -450,6 +450,94 @@ def test_isolated_training_equals_in_process_and_reports_errors_as_here(tmp_path
         train_isolated("pretrain", bad, False, 1)
 
 
+def test_isolated_training_splits_across_data_parallel_processes_and_resumes(tmp_path: Path, corpus: Path) -> None:
+    """``train_isolated(..., processes=2)``: two gloo ranks of one thread train one model (each with
+    its ``batch_size``), rank 0 writes the checkpoints (world_size 2) and the model, and the run
+    resumes with two processes; the bootstrap reads that world size back to resume as it was."""
+    from capfilt.bootstrap.backend import train_isolated
+    from capfilt.bootstrap.planner import checkpoint_processes
+    from capfilt.config import load_model
+    from capfilt.train import TrainingConfig
+
+    cfg = load_model(TrainingConfig, write_config(tmp_path / "c.yaml", corpus, tmp_path / "ddp"))
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": 4})})
+    assert train_isolated("pretrain", cfg, False, 1, 2) == tmp_path / "ddp"
+    assert (tmp_path / "ddp" / "model" / "model.safetensors").is_file()
+    assert [r["step"] for r in read_metrics(tmp_path / "ddp")] == [1, 2, 3, 4]
+    checkpoint = list_checkpoints(tmp_path / "ddp")[-1]
+    assert json.loads((checkpoint / "trainer.json").read_text())["world_size"] == 2
+    assert checkpoint_processes(tmp_path / "ddp") == 2 and checkpoint_processes(tmp_path / "none") is None
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 6})})
+    train_isolated("pretrain", longer, True, 1, 2)
+    assert [r["step"] for r in read_metrics(tmp_path / "ddp")][-2:] == [5, 6]
+
+
+def test_a_failed_rank_stops_the_other_and_is_reported(tmp_path: Path, corpus: Path) -> None:
+    """A rank killed in the middle (out of memory, a node lost) must not leave the other waiting
+    in its next all-reduce: train_isolated stops it and raises, saying how the rank ended."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    import time
+
+    from capfilt.bootstrap.backend import train_isolated
+    from capfilt.config import load_model
+    from capfilt.train import TrainingConfig
+
+    cfg = load_model(TrainingConfig, write_config(tmp_path / "c.yaml", corpus, tmp_path / "long"))
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": 4, "steps": 100000})})
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            train_isolated("pretrain", cfg, False, 1, 2)
+        except BaseException as err:  # noqa: BLE001 - the test inspects it
+            raised.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "long" / "metrics.jsonl").is_file():  # both ranks are training
+        assert thread.is_alive() and time.monotonic() < deadline
+        time.sleep(0.2)
+    (rank1,) = [c for c in multiprocessing.active_children() if c.name.endswith("-rank1")]
+    os.kill(rank1.pid, signal.SIGKILL)
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "train_isolated still waits after a rank died"
+    assert len(raised) == 1 and isinstance(raised[0], RuntimeError) and "rank 1: exit code -9" in str(raised[0])
+    assert not [c for c in multiprocessing.active_children() if c.name.startswith("capfilt-train")]
+
+
+def _write_wait_policy(path: str) -> None:
+    import os
+
+    Path(path).write_text(os.environ.get("OMP_WAIT_POLICY", "unset"))
+
+
+def test_a_child_started_for_a_multi_threaded_training_busy_waits_and_the_parent_keeps_its_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI sets OMP_WAIT_POLICY=PASSIVE (for the pipeline); a lone training's child starts with
+    ACTIVE (1.6x faster with 2 threads) and this process's environment is as it was."""
+    import multiprocessing
+    import os
+
+    from capfilt.bootstrap.backend import _spawn_environment
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    ctx = multiprocessing.get_context("spawn")
+    with _spawn_environment({"OMP_WAIT_POLICY": "ACTIVE"}):
+        child = ctx.Process(target=_write_wait_policy, args=(str(tmp_path / "seen"),))
+        child.start()
+    child.join(timeout=60)
+    assert (tmp_path / "seen").read_text() == "ACTIVE" and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    with _spawn_environment({"OMP_WAIT_POLICY": "ACTIVE"}):
+        pass
+    assert "OMP_WAIT_POLICY" not in os.environ
+
+
 def test_isolated_training_dies_with_its_parent(tmp_path: Path, corpus: Path) -> None:
     """kill -9 of the process that started a child training (a bootstrap) stops the child too:
     nothing keeps writing into a staging directory that a rerun will take over."""
