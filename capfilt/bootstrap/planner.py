@@ -10,8 +10,8 @@
 
 A round's captioner(s) and filter(s) depend only on MED_{r-1}, and the ablation's pre-trainings
 only on round 1's output: with ``concurrent_training`` (on CPU by default) each such group trains
-at the same time, one process per model with a share of the cores. A training with cores to
-spare (MED_r's pre-training runs alone) is split across data-parallel processes (``data_parallel``).
+at the same time, one process per model with a share of the cores; MED_r's pre-training, alone,
+trains in a child process with every core (or, with ``data_parallel``, across DDP processes).
 
 Every step writes into a hidden staging path next to its artifact (``round-1/.filter.partial``)
 and is committed by an atomic rename to ``round-1/filter`` followed by an atomic rewrite of
