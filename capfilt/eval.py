@@ -203,6 +203,12 @@ def _midranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def auc_text(value: Any) -> str:
+    """A ROC-AUC as printed and reported: three decimals (0.8994 is "0.899", not a "0.90" that
+    reads as meeting a 0.90 target), "n/a" when there is none."""
+    return "n/a" if not isinstance(value, int | float) or isinstance(value, bool) else f"{value:.3f}"
+
+
 def roc_auc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float | None:
     """P(score of a positive > score of a negative) + 0.5 P(tie): the Mann-Whitney U / (n+ n-).
 

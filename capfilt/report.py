@@ -33,6 +33,7 @@ from PIL import Image
 
 from capfilt.download_stats import download_stats
 from capfilt.errors import UserError
+from capfilt.eval import auc_text
 from capfilt.rundir import IMAGES_DIR
 from capfilt.rundir.read import (
     KEPT_COLUMNS,
@@ -468,16 +469,12 @@ def _share(value: Any) -> str:
     return "n/a" if not isinstance(value, int | float) else f"{100 * value:.0f}%"
 
 
-def _auc(value: Any) -> str:
-    return "n/a" if not isinstance(value, int | float) else f"{value:.2f}"
-
-
 def _capfilt_headline(summary: dict[str, Any], round_: Any) -> str:
     """Plain sentences with the numbers a newcomer asks first: did the filter and captioner work?"""
     by_type = summary.get("filter", {}).get("by_type", {})
     caps, noise, pairs = summary.get("captions", {}), summary.get("noise", {}), summary.get("pairs", {})
     aucs = ", ".join(
-        f"{_NOISE_NAMES[k][0]} {_auc(by_type[k].get('auc'))}" for k in _NOISE_NAMES if k in by_type
+        f"{_NOISE_NAMES[k][0]} {auc_text(by_type[k].get('auc'))}" for k in _NOISE_NAMES if k in by_type
     )
     return (
         f"<h2>Did CapFilt work? (round {_e(round_)}, checked against the synthetic corpus's ground truth)</h2>"
@@ -510,8 +507,8 @@ def _caption_scores_item(scores: dict[str, Any]) -> str:
     )
     return (
         "<li><b>Which synthetic captions are right?</b> The filter's ITM score tells right captions from "
-        f"wrong ones with ROC-AUC {_e(_auc(scores.get('itm_auc')))}; agreement with the image's other sampled "
-        f"captions with {_e(_auc(scores['agreement_auc']))} (the filter learned from the same model as the "
+        f"wrong ones with ROC-AUC {_e(auc_text(scores.get('itm_auc')))}; agreement with the image's other sampled "
+        f"captions with {_e(auc_text(scores['agreement_auc']))} (the filter learned from the same model as the "
         f"captioner and shares its mistakes; a caption the captioner guessed differs from its other samples).{rule}</li>"
     )
 
@@ -527,7 +524,7 @@ def _capfilt_filter_table(summary: dict[str, Any]) -> str:
         rows.append(
             f"<tr><td>{_e(name)}</td><td>{_e(meaning)}</td><td class='n'>{_e(e.get('count'))}</td>"
             f"<td class='n'>{_share(e.get('recall'))}</td><td class='n'>{_share(e.get('precision'))}</td>"
-            f"<td class='n'>{_auc(e.get('auc'))}</td></tr>"
+            f"<td class='n'>{auc_text(e.get('auc'))}</td></tr>"
         )
     if "clean" in by_type:
         e = by_type["clean"]

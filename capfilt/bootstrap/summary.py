@@ -189,12 +189,10 @@ def _pct_text(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
-def _auc_text(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
 def summary_text(summary: dict[str, Any], r: int = 1) -> str:
     """The plain-words account of :func:`capfilt_summary` that ``capfilt bootstrap`` prints."""
+    from capfilt.eval import auc_text
+
     flt, caps, noise, pairs = summary["filter"], summary["captions"], summary["noise"], summary["pairs"]
     by_type = flt["by_type"]
     lines = [
@@ -211,7 +209,7 @@ def summary_text(summary: dict[str, Any], r: int = 1) -> str:
         if kind in by_type:
             e = by_type[kind]
             lines.append(
-                f"    {names[kind]:<44} ROC-AUC {_auc_text(e.get('auc'))}, removed {_pct_text(e.get('recall'))} "
+                f"    {names[kind]:<44} ROC-AUC {auc_text(e.get('auc'))}, removed {_pct_text(e.get('recall'))} "
                 f"(recall), precision {_pct_text(e.get('precision'))}, n={e['count']}"
             )
     if "clean" in by_type:
@@ -238,8 +236,8 @@ def summary_text(summary: dict[str, Any], r: int = 1) -> str:
         )
         lines.insert(
             -2,
-            f"  Telling right captions from wrong ones (ROC-AUC): the filter's ITM score {_auc_text(scores.get('itm_auc'))}, "
-            f"agreement with the image's other sampled captions {_auc_text(scores['agreement_auc'])}{rule}.",
+            f"  Telling right captions from wrong ones (ROC-AUC): the filter's ITM score {auc_text(scores.get('itm_auc'))}, "
+            f"agreement with the image's other sampled captions {auc_text(scores['agreement_auc'])}{rule}.",
         )
     return "\n".join(lines)
 

@@ -767,7 +767,7 @@ def test_capfilt_summary_scores_filter_captions_and_noise_against_the_truth(tmp_
     }
     assert summary["pairs"] == {"raw_web": 6, "kept_web": 3, "synthetic_added": 4, "kept_set": 7}
     text = bootstrap.summary_text(summary)
-    assert "ROC-AUC 1.00, removed 100% (recall), precision 50%" in text
+    assert "ROC-AUC 1.000, removed 100% (recall), precision 50%" in text
     assert "50% of the raw web texts are wrong; after CapFilt 29% of the kept web pairs are" in text
     assert "6 raw web pairs -> 3 web texts kept + 4 synthetic captions added = 7" in text
     # no stored caption scores: nothing to say about them
@@ -785,8 +785,8 @@ def test_capfilt_summary_scores_filter_captions_and_noise_against_the_truth(tmp_
     # right: a0 (0.4), d (0.2); wrong: a1 (0.6), c (0.7): ITM ranks every wrong above every right
     assert scored["caption_scores"] == {"itm_auc": 0.0, "agreement_auc": 1.0, "min_agreement": 0.98}
     assert (
-        "Telling right captions from wrong ones (ROC-AUC): the filter's ITM score 0.00, agreement with the "
-        "image's other sampled captions 1.00; a caption is kept only when its agreement is >= 0.98."
+        "Telling right captions from wrong ones (ROC-AUC): the filter's ITM score 0.000, agreement with the "
+        "image's other sampled captions 1.000; a caption is kept only when its agreement is >= 0.98."
     ) in bootstrap.summary_text(scored)
 
 

@@ -114,6 +114,13 @@ def test_roc_auc_edges() -> None:
     assert ev.roc_auc(np.array([]), np.array([1.0])) is None
 
 
+def test_auc_text_does_not_round_a_miss_up_to_the_target() -> None:
+    # a .ci/run's mismatched ROC-AUC was 0.8994 against a 0.90 target; two decimals printed "0.90"
+    assert ev.auc_text(0.8994402985074627) == "0.899"
+    assert ev.auc_text(1) == "1.000" and ev.auc_text(0.5) == "0.500"
+    assert ev.auc_text(None) == "n/a" and ev.auc_text(True) == "n/a" and ev.auc_text("0.9") == "n/a"
+
+
 def test_filter_metrics_by_hand() -> None:
     scores = [0.9, 0.8, 0.4, 0.2, 0.6, 0.1, 0.45, 0.7]
     types = ["clean", "clean", "clean", "junk", "junk", "mismatched", "mismatched", "wrong_attribute"]

@@ -310,18 +310,18 @@ def test_bootstrap_report_says_at_the_top_whether_capfilt_worked(tmp_path: Path)
     page = build_report(root).read_text()
     top = page.index("Did CapFilt work?")
     assert top < page.index("The pipeline run") < page.index("kept pairs in dataset/")
-    assert "junk 0.98, mismatched 0.95, wrong attribute 0.80" in page
+    assert "junk 0.981, mismatched 0.952, wrong attribute 0.804" in page
     assert "71% of its 2000 synthetic captions" in page and "86% of the web images" in page
     # per-type precision / recall / AUC, and the false-removal rate of correct texts
     assert re.search(
         r"<td>junk</td>.*?<td class='n'>133</td><td class='n'>97%</td><td class='n'>64%</td>"
-        r"<td class='n'>0.98</td>",
+        r"<td class='n'>0.981</td>",
         page,
     )
     assert "12% removed by mistake" in page
     # which synthetic captions are right: the filter's ITM against agreement among the captions
-    assert "ITM score tells right captions from wrong ones with ROC-AUC 0.56" in page
-    assert "other sampled captions with 0.71" in page and "agreement is at least 0.995" in page
+    assert "ITM score tells right captions from wrong ones with ROC-AUC 0.561" in page
+    assert "other sampled captions with 0.714" in page and "agreement is at least 0.995" in page
     # what CapFilt changed: noise before -> after, pairs added by the captioner
     assert "<b>40% \u2192 10%</b>" in page and "<b>+810</b>" in page and "<b>1,000 \u2192 1,410</b>" in page
     assert '"capfilt"' not in page and "capfilt.filter" not in page  # not repeated in the evaluation table
