@@ -509,12 +509,6 @@ def test_a_failed_rank_stops_the_other_and_is_reported(tmp_path: Path, corpus: P
     assert not [c for c in multiprocessing.active_children() if c.name.startswith("capfilt-train")]
 
 
-def _write_wait_policy(path: str) -> None:
-    import os
-
-    Path(path).write_text(os.environ.get("OMP_WAIT_POLICY", "unset"))
-
-
 def test_a_child_started_for_a_multi_threaded_training_busy_waits_and_the_parent_keeps_its_setting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -528,7 +522,8 @@ def test_a_child_started_for_a_multi_threaded_training_busy_waits_and_the_parent
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     ctx = multiprocessing.get_context("spawn")
     with _spawn_environment({"OMP_WAIT_POLICY": "ACTIVE"}):
-        child = ctx.Process(target=_write_wait_policy, args=(str(tmp_path / "seen"),))
+        # a stdlib target: a spawned child cannot import this test module under every pytest rootdir
+        child = ctx.Process(target=os.system, args=(f'printf %s "$OMP_WAIT_POLICY" > {tmp_path / "seen"}',))
         child.start()
     child.join(timeout=60)
     assert (tmp_path / "seen").read_text() == "ACTIVE" and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
