@@ -94,8 +94,8 @@ def train_isolated(kind: str, cfg: TrainingConfig, resume: bool, threads: int, p
         disable=not cfg.train.progress, dynamic_ncols=True, leave=True,
     )  # fmt: skip
     try:
-        while any(child.is_alive() for child in children):
-            children[0].join(timeout=1.0)
+        while running := [child for child in children if child.is_alive()]:
+            running[0].join(timeout=1.0)
             bar.update(max(0, _last_step(metrics) - bar.n))
             if any(child.exitcode not in (None, 0) for child in children):
                 break  # one rank failed: the others would block in their next all-reduce
