@@ -902,17 +902,19 @@ class MED(nn.Module):
         self, image_feat: Tensor, text_feat: Tensor, image_ids: Tensor | None = None
     ) -> None:
         """Write the (globally gathered) momentum features into the queues, oldest first out."""
-        image_feat, text_feat = _all_gather(image_feat), _all_gather(text_feat)
+        ids = None if image_ids is None else _all_gather(image_ids.reshape(-1).to(torch.long))
+        self._enqueue(_all_gather(image_feat), _all_gather(text_feat), ids)
+
+    def _enqueue(self, image_feat: Tensor, text_feat: Tensor, ids: Tensor | None) -> None:
+        """:meth:`dequeue_and_enqueue` of features (and ids) already gathered over the ranks."""
         batch = image_feat.shape[0]
         q = self.config.queue_size
         if q == 0:
             return
         if q % batch:
             raise ValueError(f"queue_size {q} must be divisible by the global batch size {batch}")
-        if image_ids is None:
+        if ids is None:
             ids = torch.full((batch,), L.EMPTY_QUEUE_ID, dtype=torch.long, device=image_feat.device)
-        else:
-            ids = _all_gather(image_ids.reshape(-1).to(torch.long))
         ptr = int(self.queue_ptr.item())
         self.image_queue[:, ptr : ptr + batch] = image_feat.T.to(self.image_queue.dtype)
         self.text_queue[:, ptr : ptr + batch] = text_feat.T.to(self.text_queue.dtype)
@@ -944,6 +946,10 @@ class MED(nn.Module):
         alpha = self.config.alpha if alpha is None else alpha
         out: dict[str, Tensor] = {}
         image_embeds = self.encode_image(pixel_values)
+        # Data-parallel ranks (1 without torch.distributed, where every gather is the identity):
+        # each rank's ITC and ITM see the global batch. The ids are gathered once for both.
+        world, rows = _world_size(), len(input_ids)
+        ids_all = _all_gather(image_ids.reshape(-1)) if image_ids is not None else None
 
         if "itc" in losses or "itm" in losses:
             with torch.no_grad():
@@ -963,14 +969,15 @@ class MED(nn.Module):
                 )
             image_queue, text_queue = self.image_queue.clone().detach(), self.text_queue.clone().detach()
             idx_queue = self.idx_queue.clone().reshape(-1) if image_ids is not None else None
-            if _world_size() > 1:
+            image_m_all, text_m_all = _all_gather(image_feat_m), _all_gather(text_feat_m)
+            if world > 1:
                 # The other data-parallel ranks' pairs are candidates too (no gradient flows into
                 # momentum features): each rank scores its pairs against the global batch + queue,
                 # as one process with the whole batch would.
-                image_queue = torch.cat([_others(image_feat_m).T, image_queue], dim=1)
-                text_queue = torch.cat([_others(text_feat_m).T, text_queue], dim=1)
+                image_queue = torch.cat([_others(image_m_all, rows).T, image_queue], dim=1)
+                text_queue = torch.cat([_others(text_m_all, rows).T, text_queue], dim=1)
                 if idx_queue is not None:
-                    idx_queue = torch.cat([_others(image_ids.reshape(-1).to(idx_queue.dtype)), idx_queue])
+                    idx_queue = torch.cat([_others(ids_all, rows).to(idx_queue.dtype), idx_queue])
             out["loss_itc"] = L.itc_loss(
                 image_feat,
                 text_feat,
@@ -983,19 +990,18 @@ class MED(nn.Module):
                 image_ids=image_ids,
                 idx_queue=idx_queue,
             )
-            if self.training:
-                self.dequeue_and_enqueue(image_feat_m, text_feat_m, image_ids)
+            if self.training:  # the features and ids gathered above, not gathered again
+                self._enqueue(image_m_all, text_m_all, None if ids_all is None else ids_all.to(torch.long))
 
         if "itm" in losses:
-            itm_ids, itm_mask, world = input_ids, attention_mask, _world_size()
+            itm_ids, itm_mask = input_ids, attention_mask
             with torch.no_grad():
                 # Hard negatives come from the global batch (every data-parallel rank's pairs).
                 sim_i2t = image_feat @ _all_gather(text_feat).T / self.temp
                 sim_t2i = sim_i2t.T if world == 1 else text_feat @ _all_gather(image_feat).T / self.temp
                 neg_image, neg_text = L.hard_negative_indices(
                     sim_i2t, sim_t2i, image_ids=image_ids,
-                    candidate_ids=_all_gather(image_ids.reshape(-1)) if image_ids is not None else None,
-                    offset=_rank() * len(input_ids),
+                    candidate_ids=ids_all, offset=_rank() * rows,
                 )  # fmt: skip
                 if world > 1:  # every rank's texts padded to one length, to be gathered
                     itm_ids, itm_mask = _pad_to_longest_rank(input_ids, attention_mask, self.config.pad_token_id)
@@ -1474,10 +1480,10 @@ def _all_gather(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def _others(x: Tensor) -> Tensor:
-    """The other ranks' rows of :func:`_all_gather` (this rank's own rows left out)."""
-    gathered, n, rank = _all_gather(x), len(x), _rank()
-    return torch.cat([gathered[: rank * n], gathered[(rank + 1) * n :]])
+def _others(gathered: Tensor, rows: int) -> Tensor:
+    """The other ranks' rows of an :func:`_all_gather` result (this rank's ``rows`` left out)."""
+    start = _rank() * rows
+    return torch.cat([gathered[:start], gathered[start + rows :]])
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
