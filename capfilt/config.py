@@ -383,11 +383,20 @@ class CaptionConfig(_ModelStage):
 class FilterConfig(_ModelStage):
     """Filter: ITM match probability for the web text and each synthetic caption.
 
-    With ``models`` (an ensemble) a text's score is the mean of the models' scores.
+    With ``models`` (an ensemble) a text's score is the mean of the models' scores. With
+    ``itc_weight`` w > 0 the score the threshold applies to is ``(1 - w) * ITM + w * ITC cosine``
+    (:func:`capfilt.stages.select.filter_score`).
     """
 
     batch_size: PositiveInt = 128
-    threshold: Probability = Field(default=0.5, description="Keep a text when its ITM >= this.")
+    threshold: Probability = Field(default=0.5, description="Keep a text when its filter score >= this.")
+    itc_weight: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Weight of the ITC cosine in the filter score, (1 - w) * ITM + w * ITC; 0: BLIP's "
+        "ITM-only rule. > 0 also writes web_itc / synthetic_itc.",
+    )
     keep_web: bool = Field(default=True, description="Whether the web text may be kept at all.")
     keep_synthetic: NonNegativeInt = Field(
         default=1, description="Keep at most this many synthetic captions."

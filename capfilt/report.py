@@ -42,8 +42,11 @@ from capfilt.rundir.read import (
     ScoreHistogram,
     TarImages,
     collect_stats,
+    filter_scores,
     resolve_run,
+    score_columns,
 )
+from capfilt.stages.select import score_words
 from capfilt.stages.status import Status
 
 THUMBNAIL_SIDE = 144
@@ -295,18 +298,17 @@ def _scan(view: RunView, files: list[Path], *, per_section: int) -> _Scan:
     """One pass over the samples files: grid candidates and examples of failed rows."""
     cap = max(per_section * CANDIDATE_FACTOR, 1)
     scan = _Scan(kept=_Candidates(cap=cap), removed=_Candidates(cap=cap), failed={})
+    itc_weight = view.itc_weight()
     for f, path in enumerate(files):
         names = pq.read_schema(path).names
-        cols = [c for c in ("status", "web_itm", "web_kept") if c in names]
+        cols = [c for c in ("status", "web_kept", *score_columns(itc_weight)) if c in names]
         table = pq.read_table(path, columns=cols)
         if "status" not in cols:
             continue
         status = np.asarray(table.column("status").to_pylist(), dtype=object)
         scores = (
-            np.asarray(
-                pc.fill_null(table.column("web_itm"), math.nan).to_numpy(zero_copy_only=False), dtype=float
-            )
-            if "web_itm" in cols
+            filter_scores(table, itc_weight)[0]
+            if set(score_columns(itc_weight)) <= set(cols)
             else np.full(len(status), math.nan)
         )
         kept = (
@@ -345,8 +347,9 @@ def _thumbnail(data: bytes) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-_DETAIL_COLUMNS = ("url", *KEPT_COLUMNS)
-"""What a sample card shows: the URL and what :func:`~capfilt.rundir.read.kept_texts` reads."""
+_DETAIL_COLUMNS = ("url", *KEPT_COLUMNS, "web_itc", "synthetic_itc")
+"""What a sample card shows: the URL, what :func:`~capfilt.rundir.read.kept_texts` reads, and the
+ITC cosines that a filter score with ``itc_weight`` is partly made of."""
 
 
 def _rows(view: RunView, files: list[Path], picks: list[tuple[float, int, int]]) -> list[dict[str, Any]]:
@@ -355,6 +358,7 @@ def _rows(view: RunView, files: list[Path], picks: list[tuple[float, int, int]])
     for _, f, r in picks:
         by_file.setdefault(f, []).append(r)
     found: dict[tuple[int, int], dict[str, Any]] = {}
+    itc_weight = view.itc_weight()
     with TarImages(root=view.pipeline_dir) as images:
         for f, rows in sorted(by_file.items()):
             names = pq.read_schema(files[f]).names
@@ -362,7 +366,17 @@ def _rows(view: RunView, files: list[Path], picks: list[tuple[float, int, int]])
                 sorted(rows)
             )
             tar = f"{IMAGES_DIR}/{files[f].stem}.tar"
-            for r, row in zip(sorted(rows), table.to_pylist(), strict=True):
+            scored = set(score_columns(itc_weight)) <= set(names)
+            web_score, synthetic_score = filter_scores(table, itc_weight) if scored else (None, None)
+            offsets = (
+                np.cumsum([0] + [len(t or []) for t in table.column("synthetic_itm").to_pylist()])
+                if scored
+                else None
+            )
+            for i, (r, row) in enumerate(zip(sorted(rows), table.to_pylist(), strict=True)):
+                if web_score is not None and synthetic_score is not None and offsets is not None:
+                    row["web_score"] = float(web_score[i])
+                    row["synthetic_score"] = [float(v) for v in synthetic_score[offsets[i] : offsets[i + 1]]]
                 image = images.image_for_key(tar, row["key"])
                 row["thumb"] = _thumbnail(image[1]) if image else None
                 found[(f, r)] = row
@@ -384,10 +398,10 @@ def _card(row: dict[str, Any]) -> str:
         if row.get("thumb")
         else '<div class="noimg">no image</div>'
     )
-    web_score = row.get("web_itm")
+    web_score = row.get("web_score", row.get("web_itm"))
     web_line = _text_line(row.get("web_text") or "", "web", web_score, bool(row.get("web_kept")))
     texts = row.get("synthetic_texts") or []
-    scores = row.get("synthetic_itm") or []
+    scores = row.get("synthetic_score", row.get("synthetic_itm")) or []
     kept = row.get("synthetic_kept") or []
     syn_lines = [
         _text_line(
@@ -485,7 +499,7 @@ def _capfilt_headline(summary: dict[str, Any], round_: Any) -> str:
         f"{_e(caps.get('captions', 0))} synthetic captions name the right colour and shape of every object "
         f"(the attribute check); {_e(_share(caps.get('images_with_a_right_caption')))} of the web images got at "
         "least one such caption.</li>"
-        f"{_caption_scores_item(summary.get('caption_scores') or {})}"
+        f"{_caption_scores_item(summary.get('caption_scores') or {}, summary.get('itc_weight') or 0.0)}"
         f"<li><b>Noise: is the kept data cleaner?</b> {_e(_share(noise.get('raw_web')))} of the raw web texts are "
         f"wrong; {_e(_share(noise.get('kept_web_texts')))} of the web texts the filter kept are, and "
         f"{_e(_share(noise.get('kept_set')))} of everything CapFilt kept (kept web texts and synthetic "
@@ -496,8 +510,8 @@ def _capfilt_headline(summary: dict[str, Any], round_: Any) -> str:
     )
 
 
-def _caption_scores_item(scores: dict[str, Any]) -> str:
-    """How well the filter's ITM and the agreement among captions tell right captions from wrong."""
+def _caption_scores_item(scores: dict[str, Any], itc_weight: float) -> str:
+    """How well the filter's score and the agreement among captions tell right captions from wrong."""
     if not isinstance(scores.get("agreement_auc"), int | float):
         return ""
     rule = (
@@ -506,8 +520,8 @@ def _caption_scores_item(scores: dict[str, Any]) -> str:
         else ""
     )
     return (
-        "<li><b>Which synthetic captions are right?</b> The filter's ITM score tells right captions from "
-        f"wrong ones with ROC-AUC {_e(auc_text(scores.get('itm_auc')))}; agreement with the image's other sampled "
+        f"<li><b>Which synthetic captions are right?</b> The filter's {_e(score_words(itc_weight))} tells right captions from "
+        f"wrong ones with ROC-AUC {_e(auc_text(scores.get('score_auc')))}; agreement with the image's other sampled "
         f"captions with {_e(auc_text(scores['agreement_auc']))} (the filter learned from the same model as the "
         f"captioner and shares its mistakes; a caption the captioner guessed differs from its other samples).{rule}</li>"
     )
@@ -720,6 +734,7 @@ def render(view: RunView, *, samples_per_section: int = 48) -> str:
     removed_rows = _rows(view, files, scan.removed.pick(samples_per_section))
     rule = view.selection()
     threshold = None if rule is None else rule.threshold
+    score_name = score_words(rule.itc_weight if rule is not None else 0.0)
     ok = stats.status.get(Status.ok.value, 0)
     where = f"{view.root}" + (
         f" — bootstrap round {view.round} of {len(view.rounds)}" if view.is_bootstrap else ""
@@ -743,7 +758,7 @@ def render(view: RunView, *, samples_per_section: int = 48) -> str:
                 f"{stats.images_with_kept:,}",
                 f"images with a kept text ({_pct(stats.images_with_kept, ok)} of ok)",
             ),
-            _tile("none" if threshold is None else f"{threshold:g}", "filter threshold (ITM)"),
+            _tile("none" if threshold is None else f"{threshold:g}", f"filter threshold ({score_name})"),
         ]
     )
     status_chart = bar_chart(
@@ -756,8 +771,8 @@ def render(view: RunView, *, samples_per_section: int = 48) -> str:
     hists = ""
     if stats.web_hist is not None and stats.synthetic_hist is not None:
         hists = (
-            f'<div class="chart">{histogram_chart(stats.web_hist, title="Web texts: ITM score", threshold=threshold)}</div>'
-            f'<div class="chart">{histogram_chart(stats.synthetic_hist, title="Synthetic captions: ITM score", threshold=threshold)}</div>'
+            f'<div class="chart">{histogram_chart(stats.web_hist, title=f"Web texts: {score_name}", threshold=threshold)}</div>'
+            f'<div class="chart">{histogram_chart(stats.synthetic_hist, title=f"Synthetic captions: {score_name}", threshold=threshold)}</div>'
         )
     legend = (
         f'<p class="legend"><span class="sw" style="background:{KEPT}"></span>kept'

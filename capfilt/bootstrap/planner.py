@@ -427,13 +427,16 @@ class Bootstrap:
         if r == 0:
             return {"filter": None, "capfilt": None}
         files = samples_files(self.round_dir(r) / "pipeline")
-        threshold = self.cfg.pipeline.filter.threshold
+        flt = self.cfg.pipeline.filter
         labels = self.corpus.web_labels
         judged = labels is not None and labels.is_file() and bool(files)
         return {
-            "filter": filter_summary(files, threshold=threshold),
+            "filter": filter_summary(files, threshold=flt.threshold, itc_weight=flt.itc_weight),
             "capfilt": (
-                capfilt_summary(files, labels, threshold=threshold, min_agreement=self.cfg.pipeline.select.min_agreement)
+                capfilt_summary(
+                    files, labels, threshold=flt.threshold, itc_weight=flt.itc_weight,
+                    min_agreement=self.cfg.pipeline.select.min_agreement,
+                )  # fmt: skip
                 if judged
                 else None
             ),

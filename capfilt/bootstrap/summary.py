@@ -31,9 +31,29 @@ def samples_files(pipeline_dir: Path) -> list[Path]:
     return [writer.samples_path(pipeline_dir, s) for s in sorted(writer.committed_shards(pipeline_dir))]
 
 
-def filter_summary(files: Sequence[Path], *, threshold: float) -> dict[str, Any] | None:
+def _web_scores(rows: Sequence[dict[str, Any]], itc_weight: float) -> Any:
+    """Each row's web-text filter score (:func:`capfilt.stages.select.filter_score`); NaN when not scored."""
+    import numpy as np
+
+    from capfilt.stages.select import filter_score
+
+    def column(name: str) -> Any:
+        return np.array([math.nan if row.get(name) is None else row[name] for row in rows], dtype=float)
+
+    return filter_score(column("web_itm"), column("web_itc") if itc_weight else None, itc_weight)
+
+
+def _score_columns(itc_weight: float) -> list[str]:
+    """The samples columns the filter score is made of."""
+    return ["web_itm", "web_itc"] if itc_weight else ["web_itm"]
+
+
+def filter_summary(
+    files: Sequence[Path], *, threshold: float, itc_weight: float = 0.0
+) -> dict[str, Any] | None:
     """A round's filter judged on the web noise labels, from the scores the pipeline stored.
 
+    The score is the one the threshold applied to (ITM, or ITM and ITC mixed by ``itc_weight``).
     None without committed samples, without the ``noisy``/``noise_type`` columns (a corpus
     without labels), or without a scored row.
     """
@@ -50,21 +70,30 @@ def filter_summary(files: Sequence[Path], *, threshold: float) -> dict[str, Any]
     rows = [
         row
         for f in files
-        for row in pq.read_table(f, columns=["status", "web_itm", "noisy", "noise_type"]).to_pylist()
-        if row["status"] == "ok" and row["web_itm"] is not None and not math.isnan(row["web_itm"])
+        for row in pq.read_table(
+            f, columns=["status", *_score_columns(itc_weight), "noisy", "noise_type"]
+        ).to_pylist()
+        if row["status"] == "ok"
     ]
-    if not rows:
+    scores = _web_scores(rows, itc_weight)
+    scored = ~np.isnan(scores)
+    if not scored.any():
         return None
     return filter_metrics(
-        np.array([r["web_itm"] for r in rows]),
-        [bool(r["noisy"]) for r in rows],
-        [r["noise_type"] for r in rows],
+        scores[scored],
+        [bool(r["noisy"]) for r, s in zip(rows, scored, strict=True) if s],
+        [r["noise_type"] for r, s in zip(rows, scored, strict=True) if s],
         threshold=threshold,
     )
 
 
 def capfilt_summary(
-    samples_files: Sequence[Path], web_labels: Path, *, threshold: float, min_agreement: float | None = None
+    samples_files: Sequence[Path],
+    web_labels: Path,
+    *,
+    threshold: float,
+    min_agreement: float | None = None,
+    itc_weight: float = 0.0,
 ) -> dict[str, Any]:
     """Round r's CapFilt judged against the truth a synthetic corpus knows about every web image.
 
@@ -80,20 +109,24 @@ def capfilt_summary(
       the kept web part of D_r (kept web texts + kept synthetic captions, a synthetic caption counting
       as noise when it fails the attribute check);
     - ``pairs``: web pairs before, web texts kept, synthetic captions added;
-    - ``caption_scores``: how well the filter's ITM score and the agreement among an image's
+    - ``caption_scores``: how well the filter's score and the agreement among an image's
       captions (``synthetic_agreement``) each tell right synthetic captions (attribute check) from
       wrong ones, as ROC-AUC (None when a score was not stored), and ``min_agreement``, the rule's.
+
+    The filter's score is the one its threshold applied to: ITM, or ITM and ITC mixed by
+    ``itc_weight`` (:func:`capfilt.stages.select.filter_score`).
     """
     import numpy as np
     import pyarrow.parquet as pq
 
     from capfilt.eval import roc_auc
+    from capfilt.stages.select import filter_score
     from capfilt.synth import check_caption
 
     labels = pq.read_table(web_labels, columns=["key", "noise_type", "objects"]).to_pylist()
     truth = {row["key"]: row for row in labels}
-    columns = ["key", "status", "web_itm", "web_kept", "synthetic_texts", "synthetic_kept"]
-    optional = ["synthetic_itm", "synthetic_agreement"]
+    columns = ["key", "status", *_score_columns(itc_weight), "web_kept", "synthetic_texts", "synthetic_kept"]
+    optional = ["synthetic_itm", "synthetic_agreement"] + (["synthetic_itc"] if itc_weight else [])
     rows = [
         row
         for f in samples_files
@@ -103,7 +136,7 @@ def capfilt_summary(
         if row["status"] == "ok" and row["key"] in truth
     ]
     types = [truth[row["key"]]["noise_type"] for row in rows]
-    scores = np.array([math.nan if row["web_itm"] is None else row["web_itm"] for row in rows], dtype=float)
+    scores = _web_scores(rows, itc_weight)
     removed = np.array([not row["web_kept"] for row in rows], dtype=bool)
     type_arr = np.array(types, dtype=object)
     scored = ~np.isnan(scores)
@@ -127,14 +160,19 @@ def capfilt_summary(
 
     captions_total = captions_right = images_with_right = images_captioned = 0
     kept_synth = kept_synth_wrong = 0
-    caption_scores: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in optional}
+    caption_scores: dict[str, tuple[list[float], list[float]]] = {
+        name: ([], []) for name in ("synthetic_score", "synthetic_agreement")
+    }
     for row in rows:
         objects = truth[row["key"]]["objects"]
         texts = row["synthetic_texts"] or []
         kept = row["synthetic_kept"] or [False] * len(texts)
         right = [check_caption(text, objects) for text in texts]
+        itm = np.array([math.nan if v is None else v for v in row.get("synthetic_itm") or []], dtype=float)
+        itc = np.array([math.nan if v is None else v for v in row.get("synthetic_itc") or []], dtype=float)
+        score = filter_score(itm, itc if itc.size == itm.size else np.full(itm.size, math.nan), itc_weight)
         for name, (right_scores, wrong_scores) in caption_scores.items():
-            values = row.get(name) or []
+            values = list(score) if name == "synthetic_score" else row.get(name) or []
             if len(values) == len(texts):
                 for ok, value in zip(right, values, strict=True):
                     if value is not None and not math.isnan(value):
@@ -158,6 +196,7 @@ def capfilt_summary(
 
     return {
         "threshold": float(threshold),
+        "itc_weight": float(itc_weight),
         "filter": {"by_type": per_type, "auc": roc_auc(scores[clean], scores[noisy & scored])},
         "captions": {
             "captions": captions_total,
@@ -178,7 +217,7 @@ def capfilt_summary(
             "kept_set": n_kept_web + kept_synth,
         },
         "caption_scores": {
-            "itm_auc": roc_auc(*caption_scores["synthetic_itm"]),
+            "score_auc": roc_auc(*caption_scores["synthetic_score"]),
             "agreement_auc": roc_auc(*caption_scores["synthetic_agreement"]),
             "min_agreement": min_agreement,
         },
@@ -192,12 +231,13 @@ def _pct_text(value: float | None) -> str:
 def summary_text(summary: dict[str, Any], r: int = 1) -> str:
     """The plain-words account of :func:`capfilt_summary` that ``capfilt bootstrap`` prints."""
     from capfilt.eval import auc_text
+    from capfilt.stages.select import score_words
 
     flt, caps, noise, pairs = summary["filter"], summary["captions"], summary["noise"], summary["pairs"]
     by_type = flt["by_type"]
     lines = [
         f"What CapFilt did in round {r}, checked against the synthetic corpus's ground truth:",
-        f"  The filter (ITM score < {summary['threshold']:g} removes a web text) — ROC-AUC: 0.5 is a coin flip, 1.0 "
+        f"  The filter ({score_words(summary.get('itc_weight', 0.0))} < {summary['threshold']:g} removes a web text) — ROC-AUC: 0.5 is a coin flip, 1.0 "
         "ranks every correct text above every noisy one:",
     ]
     names = {
@@ -236,7 +276,7 @@ def summary_text(summary: dict[str, Any], r: int = 1) -> str:
         )
         lines.insert(
             -2,
-            f"  Telling right captions from wrong ones (ROC-AUC): the filter's ITM score {auc_text(scores.get('itm_auc'))}, "
+            f"  Telling right captions from wrong ones (ROC-AUC): the filter's score {auc_text(scores.get('score_auc'))}, "
             f"agreement with the image's other sampled captions {auc_text(scores['agreement_auc'])}{rule}.",
         )
     return "\n".join(lines)

@@ -106,6 +106,11 @@ class RunView:
                 rows.append(row)
         return sorted(rows, key=lambda r: (r.get("round") is None, r.get("round") or 0))
 
+    def itc_weight(self) -> float:
+        """The weight of ITC in the run's filter score (``filter.itc_weight``; 0 without a rule)."""
+        rule = self.selection()
+        return rule.itc_weight if rule is not None else 0.0
+
     def selection(self) -> Selection | None:
         """The run's selection rule (:class:`~capfilt.stages.select.Selection`) from its
         ``config.yaml``; None when the config is absent or is not a valid pipeline config."""
@@ -375,6 +380,30 @@ def _bool_array(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.asarray(pc.fill_null(column.cast(pa.bool_()), False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
+def filter_scores(table: pa.Table, itc_weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """The filter scores its threshold applied to (:func:`capfilt.stages.select.filter_score`):
+    one per web text, and every synthetic caption's, flattened in row order. NaN: not scored."""
+    from capfilt.stages.select import filter_score
+
+    def web(name: str) -> np.ndarray:
+        return _float_array(table.column(name))
+
+    def synthetic(name: str) -> np.ndarray:
+        return _float_array(pc.list_flatten(table.column(name).combine_chunks()))
+
+    return (
+        filter_score(web("web_itm"), web("web_itc") if itc_weight else None, itc_weight),
+        filter_score(
+            synthetic("synthetic_itm"), synthetic("synthetic_itc") if itc_weight else None, itc_weight
+        ),
+    )
+
+
+def score_columns(itc_weight: float) -> list[str]:
+    """The samples columns :func:`filter_scores` reads."""
+    return ["web_itm", "synthetic_itm"] + (["web_itc", "synthetic_itc"] if itc_weight else [])
+
+
 def collect_stats(view: RunView, *, bins: int = 10) -> RunStats:
     """Status counts, kept counts and score histograms over every committed shard.
 
@@ -387,7 +416,9 @@ def collect_stats(view: RunView, *, bins: int = 10) -> RunStats:
         synthetic_hist=ScoreHistogram(edges=edges, kept=[0] * bins, removed=[0] * bins),
     )
     assert stats.web_hist is not None and stats.synthetic_hist is not None
-    wanted = ["status", "web_itm", "web_kept", "synthetic_itm", "synthetic_kept"]
+    itc_weight = view.itc_weight()
+    scored = score_columns(itc_weight)
+    wanted = ["status", "web_kept", "synthetic_kept", *scored]
     for path in view.samples_files():
         present = [c for c in wanted if c in pq.read_schema(path).names]
         table = pq.read_table(path, columns=present)
@@ -395,17 +426,15 @@ def collect_stats(view: RunView, *, bins: int = 10) -> RunStats:
         if "status" in present:
             for name, n in value_counts(table.column("status")).items():
                 stats.status[name] = stats.status.get(name, 0) + n
-        if not {"web_itm", "web_kept", "synthetic_itm", "synthetic_kept"} <= set(present):
+        if not set(wanted) - {"status"} <= set(present):
             continue
-        web_scores = _float_array(table.column("web_itm"))
+        web_scores, flat_scores = filter_scores(table, itc_weight)
         web_kept = _bool_array(table.column("web_kept"))
         stats.web_scored += int((~np.isnan(web_scores)).sum())
         stats.web_kept += int(web_kept.sum())
         _hist_update(stats.web_hist, web_scores, web_kept)
-        syn_scores = table.column("synthetic_itm").combine_chunks()
         syn_kept = table.column("synthetic_kept").combine_chunks()
         flat_kept = _bool_array(pc.list_flatten(syn_kept))
-        flat_scores = _float_array(pc.list_flatten(syn_scores))
         if len(flat_scores) == len(flat_kept):
             _hist_update(stats.synthetic_hist, flat_scores, flat_kept)
         stats.synthetic_total += len(flat_kept)

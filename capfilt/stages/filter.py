@@ -6,8 +6,10 @@
 * ``web_itm`` (float): the ITM head's match probability ``softmax(logits)[:, 1]`` of the web
   text; NaN when the row is not ok or its web text is empty/null.
 * ``synthetic_itm`` (list of float): the same for each of the row's ``synthetic_texts``.
-* with ``filter.itc_column``: ``web_itc`` / ``synthetic_itc``, the cosine similarity of the
-  ITC features (useful for CLIP-style re-ranking as BLIP-2 and LAION-COCO did).
+* with ``filter.itc_column`` or ``filter.itc_weight`` > 0: ``web_itc`` / ``synthetic_itc``, the
+  cosine similarity of the ITC features (useful for CLIP-style re-ranking as BLIP-2 and LAION-COCO
+  did; with ``itc_weight`` part of the score the threshold applies to, see
+  :func:`capfilt.stages.select.filter_score`).
 * ``synthetic_agreement`` (list of float): per synthetic caption, the mean cosine of its ITC
   text feature with the row's other synthetic captions (:func:`capfilt.inference.text_agreement`;
   NaN when the row has one caption). Captions sampled for one image that say the same thing are
@@ -61,7 +63,7 @@ class Filter:
         self.cfg = cfg
         self.device = resolve_device(device, num_gpus=cfg.num_gpus)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        self.itc = bool(getattr(cfg, "itc_column", False))
+        self.itc = bool(getattr(cfg, "itc_column", False)) or bool(getattr(cfg, "itc_weight", 0.0))
         self.models = [load_med(spec, device=self.device, dtype=self.dtype) for spec in model_specs(cfg)]
 
     def _score(

@@ -11,10 +11,15 @@ threshold or ``keep_synthetic`` without re-running any model::
 
 The rule (BLIP's CapFilt: drop every text whose ITM match probability is below the threshold):
 
+* a text's filter score is its ITM match probability, or with ``itc_weight`` w > 0
+  (``filter.itc_weight``) ``(1 - w) * ITM + w * ITC cosine`` (``web_itc``/``synthetic_itc``,
+  which the filter then writes): :func:`filter_score`. BLIP's reference code ranks retrieval by
+  ITM plus ITC the same way; on a filter trained for minutes ITC catches texts that belong to
+  another image better than ITM alone (README, "The filter's score").
 * ``web_kept`` = the row is ok, ``keep_web``, the web text is not empty, and
-  ``web_itm >= threshold``.
-* ``synthetic_kept`` = among the row's synthetic captions with ``p >= threshold``, the
-  ``keep_synthetic`` best (highest ITM; ties go to the earlier caption, so the result does
+  its score ``>= threshold``.
+* ``synthetic_kept`` = among the row's synthetic captions with score ``>= threshold``, the
+  ``keep_synthetic`` best (highest score; ties go to the earlier caption, so the result does
   not depend on anything but the scores and the caption order).
 * ``threshold=None`` means no filter ran (captioner-only CapFilt): every non-empty web text
   (if ``keep_web``) and the first ``keep_synthetic`` captions are kept.
@@ -84,6 +89,26 @@ def keep_web_text(*, ok: bool, text: Any, score: float, threshold: float | None,
     if threshold is None:
         return True
     return not math.isnan(score) and score >= threshold
+
+
+def filter_score(itm: Any, itc: Any, itc_weight: float) -> Any:
+    """The score the filter's threshold applies to: ``itm``, or ``(1 - w) * itm + w * itc``.
+
+    Works on floats and numpy arrays alike; a NaN in either term (not scored) gives NaN. With
+    ``itc_weight`` 0 the ITC term is not read (it may be None).
+    """
+    if not itc_weight:
+        return itm
+    if itc is None:
+        raise ValueError(f"itc_weight {itc_weight:g} needs ITC scores (web_itc / synthetic_itc) from the filter")
+    return (1.0 - itc_weight) * itm + itc_weight * itc
+
+
+def score_words(itc_weight: float) -> str:
+    """The filter's score in words, as the job summary and the report name it."""
+    if not itc_weight:
+        return "ITM score"
+    return f"score {1 - itc_weight:g} x ITM + {itc_weight:g} x ITC cosine"
 
 
 def _passes(score: float, threshold: float | None) -> bool:
@@ -171,22 +196,31 @@ def select(
     rank_by: str = "itm",
     top_n: int | None = None,
     min_agreement: float | None = None,
+    itc_weight: float = 0.0,
 ) -> Batch:
     """Add ``web_kept`` (bool) and ``synthetic_kept`` (list of bool) to a batch.
 
     Reads ``status``, ``web_text``, ``synthetic_texts`` and the scores that ran: ``web_itm`` /
-    ``synthetic_itm`` / ``synthetic_agreement`` (filter), ``web_clip`` / ``synthetic_clip``
-    (CLIP). Missing score columns are treated as "not scored" (NaN / empty). See the module
-    docstring for the rule.
+    ``synthetic_itm`` / ``synthetic_agreement`` (and ``web_itc`` / ``synthetic_itc`` with
+    ``itc_weight``) (filter), ``web_clip`` / ``synthetic_clip`` (CLIP). Missing score columns
+    are treated as "not scored" (NaN / empty). See the module docstring for the rule.
     """
     if rank_by not in ("itm", "clip", "agreement"):
         raise ValueError(f"rank_by must be 'itm', 'clip' or 'agreement', got {rank_by!r}")
     if rank_by == "agreement" and top_n is not None:
         raise ValueError("rank_by='agreement' ranks synthetic captions only; it cannot rank the web text for top_n")
+    if not 0.0 <= itc_weight <= 1.0:
+        raise ValueError(f"itc_weight must be in [0, 1], got {itc_weight}")
     out = dict(batch)
     n = len(batch["status"])
     synthetic = batch.get("synthetic_texts")
     web_itm, synthetic_itm = batch.get("web_itm"), batch.get("synthetic_itm")
+    web_itc, synthetic_itc = batch.get("web_itc"), batch.get("synthetic_itc")
+    if itc_weight and threshold is not None and (web_itc is None or synthetic_itc is None) and n:
+        raise ValueError(
+            f"itc_weight {itc_weight:g}: the samples have no ITC scores (web_itc / synthetic_itc); "
+            "the filter writes them when filter.itc_weight > 0 or filter.itc_column is true"
+        )
     web_clip, synthetic_clip = batch.get("web_clip"), batch.get("synthetic_clip")
     synthetic_agreement = batch.get("synthetic_agreement")
     web_kept = np.zeros(n, dtype=bool)
@@ -198,9 +232,14 @@ def select(
             synthetic_kept[i] = [False] * len(texts)
             continue
         itm = _scores(synthetic_itm, i, len(texts))
+        if itc_weight:
+            itc = _scores(synthetic_itc, i, len(texts))
+            itm = [filter_score(a, b, itc_weight) for a, b in zip(itm, itc, strict=True)]
         clip = _scores(synthetic_clip, i, len(texts))
         agreement = _scores(synthetic_agreement, i, len(texts))
         web_score, web_clip_score = _score(web_itm, i), _score(web_clip, i)
+        if itc_weight:
+            web_score = filter_score(web_score, _score(web_itc, i), itc_weight)
         web = keep_web_text(
             ok=ok, text=batch["web_text"][i], score=web_score, threshold=threshold, keep_web=keep_web
         ) and _passes(web_clip_score, clip_threshold)
@@ -249,11 +288,18 @@ class Selection:
     rank_by: str = "itm"
     top_n: int | None = None
     min_agreement: float | None = None
+    itc_weight: float = 0.0
 
     @classmethod
     def from_filter(cls, flt: Any) -> Selection:
-        """The ITM part of the rule from a filter section (``threshold``, ``keep_web``, ``keep_synthetic``)."""
-        return cls(threshold=flt.threshold, keep_web=flt.keep_web, keep_synthetic=flt.keep_synthetic)
+        """The filter's part of the rule from a filter section (``threshold``, ``keep_web``,
+        ``keep_synthetic``, ``itc_weight``)."""
+        return cls(
+            threshold=flt.threshold,
+            keep_web=flt.keep_web,
+            keep_synthetic=flt.keep_synthetic,
+            itc_weight=flt.itc_weight,
+        )
 
     @classmethod
     def from_config(cls, cfg: Any) -> Selection:
@@ -291,7 +337,9 @@ def selection_options(cfg: Any) -> dict[str, Any]:
     return Selection.from_config(cfg).options()
 
 
-SCORE_COLUMNS = ("web_itm", "synthetic_itm", "web_clip", "synthetic_clip", "synthetic_agreement")
+SCORE_COLUMNS = (
+    "web_itm", "synthetic_itm", "web_itc", "synthetic_itc", "web_clip", "synthetic_clip", "synthetic_agreement"
+)
 
 
 def select_table(
@@ -304,6 +352,7 @@ def select_table(
     rank_by: str = "itm",
     top_n: int | None = None,
     min_agreement: float | None = None,
+    itc_weight: float = 0.0,
 ) -> pa.Table:
     """Re-apply the selection rule to a samples table (e.g. ``pq.read_table(RUN/samples)``).
 
@@ -313,7 +362,7 @@ def select_table(
     batch = {
         name: object_array(table.column(name).to_pylist()) for name in columns if name in table.column_names
     }
-    for name in ("web_itm", "web_clip"):
+    for name in ("web_itm", "web_itc", "web_clip"):
         if name in batch:
             batch[name] = np.array([math.nan if v is None else v for v in batch[name]], dtype=float)
     result = select(
@@ -325,6 +374,7 @@ def select_table(
         rank_by=rank_by,
         top_n=top_n,
         min_agreement=min_agreement,
+        itc_weight=itc_weight,
     )
     web = pa.array(result["web_kept"], type=pa.bool_())
     synthetic = pa.array(list(result["synthetic_kept"]), type=pa.list_(pa.bool_()))

@@ -87,6 +87,7 @@ def fake_pipeline(cfg: Any) -> Path:
 
     from capfilt.config import dump
     from capfilt.stages import write as writer
+    from capfilt.stages.select import filter_score
 
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,12 +109,16 @@ def fake_pipeline(cfg: Any) -> Path:
         for row in urls[shard * size : (shard + 1) * size]:
             web_itm = int(_digest(filters, row["key"], "web")[:8], 16) / 0xFFFFFFFF
             syn_itm = int(_digest(filters, row["key"], "syn")[:8], 16) / 0xFFFFFFFF
+            web_itc = int(_digest(filters, row["key"], "web-itc")[:8], 16) / 0xFFFFFFFF
+            syn_itc = int(_digest(filters, row["key"], "syn-itc")[:8], 16) / 0xFFFFFFFF
+            web_score = filter_score(web_itm, web_itc, cfg.filter.itc_weight)
+            syn_score = filter_score(syn_itm, syn_itc, cfg.filter.itc_weight)
             rows.append({
                 "key": row["key"], "url": urlsplit(row["URL"]).path, "web_text": row["TEXT"], "status": "ok", "error": "",
                 "image": images[row["key"]],
                 "synthetic_texts": [f"caption {_digest(captioners, row['key'])[:6]}"],
-                "web_itm": web_itm, "synthetic_itm": [syn_itm],
-                "web_kept": web_itm >= cfg.filter.threshold, "synthetic_kept": [syn_itm >= cfg.filter.threshold],
+                "web_itm": web_itm, "synthetic_itm": [syn_itm], "web_itc": web_itc, "synthetic_itc": [syn_itc],
+                "web_kept": web_score >= cfg.filter.threshold, "synthetic_kept": [syn_score >= cfg.filter.threshold],
                 "noise_type": row["noise_type"], "noisy": row["noisy"],
             })  # fmt: skip
         writer.write_shard(out, shard, pa.Table.from_pylist(rows), keep_cols=["noise_type", "noisy"])
@@ -771,7 +776,7 @@ def test_capfilt_summary_scores_filter_captions_and_noise_against_the_truth(tmp_
     assert "50% of the raw web texts are wrong; after CapFilt 29% of the kept web pairs are" in text
     assert "6 raw web pairs -> 3 web texts kept + 4 synthetic captions added = 7" in text
     # no stored caption scores: nothing to say about them
-    assert summary["caption_scores"] == {"itm_auc": None, "agreement_auc": None, "min_agreement": None}
+    assert summary["caption_scores"] == {"score_auc": None, "agreement_auc": None, "min_agreement": None}
     assert "Telling right captions" not in text
 
     # With the filter's caption scores stored: how well each tells right captions from wrong ones.
@@ -783,11 +788,38 @@ def test_capfilt_summary_scores_filter_captions_and_noise_against_the_truth(tmp_
         [tmp_path / "scored.parquet"], tmp_path / "web.parquet", threshold=0.5, min_agreement=0.98
     )
     # right: a0 (0.4), d (0.2); wrong: a1 (0.6), c (0.7): ITM ranks every wrong above every right
-    assert scored["caption_scores"] == {"itm_auc": 0.0, "agreement_auc": 1.0, "min_agreement": 0.98}
+    assert scored["caption_scores"] == {"score_auc": 0.0, "agreement_auc": 1.0, "min_agreement": 0.98}
     assert (
-        "Telling right captions from wrong ones (ROC-AUC): the filter's ITM score 0.000, agreement with the "
+        "Telling right captions from wrong ones (ROC-AUC): the filter's score 0.000, agreement with the "
         "image's other sampled captions 1.000; a caption is kept only when its agreement is >= 0.98."
     ) in bootstrap.summary_text(scored)
+    assert "The filter (ITM score < 0.5 removes a web text)" in bootstrap.summary_text(scored)
+
+    # With filter.itc_weight the figures are of the score the threshold applied to: ITC says the
+    # mismatched text (d) belongs elsewhere and lifts f, so every clean text now outranks it.
+    itc = {"a": 0.9, "b": 0.8, "c": 0.0, "d": 0.0, "e": 0.2, "f": 0.9}
+    for row in rows:
+        row["web_itc"] = itc.get(row["key"])
+        row["synthetic_itc"] = [0.0] * len(row.get("synthetic_itm") or [])
+    rows[3]["synthetic_itc"] = [1.0]  # the right caption of d: (0.2 + 1.0) / 2 = 0.6, above every wrong one
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "itc.parquet")
+    mixed = bootstrap.capfilt_summary(
+        [tmp_path / "itc.parquet"], tmp_path / "web.parquet", threshold=0.5, itc_weight=0.5
+    )
+    assert mixed["filter"]["by_type"]["mismatched"]["auc"] == 1.0
+    assert mixed["caption_scores"]["score_auc"] == 0.5  # right 0.2, 0.6; wrong 0.3, 0.35
+    assert "The filter (score 0.5 x ITM + 0.5 x ITC cosine < 0.5 removes a web text)" in bootstrap.summary_text(mixed)
+    # eval.json's "filter" (from the labels a served corpus stores in samples/) reads the same score.
+    from capfilt.bootstrap.summary import filter_summary
+
+    kinds = dict((k, t) for k, t, _ in labels)
+    for row in rows:
+        row["noise_type"] = kinds.get(row["key"], "clean")
+        row["noisy"] = row["noise_type"] != "clean"
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "labelled.parquet")
+    assert filter_summary([tmp_path / "labelled.parquet"], threshold=0.5)["auc_by_type"]["mismatched"] == pytest.approx(2 / 3)
+    flt = filter_summary([tmp_path / "labelled.parquet"], threshold=0.5, itc_weight=0.5)
+    assert flt["auc_by_type"]["mismatched"] == 1.0 and flt["n"] == 6  # the row not downloaded is not scored
 
 
 def test_ablation_variant_rules_keep_the_filter_out_of_captioner_only() -> None:

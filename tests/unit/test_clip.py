@@ -215,6 +215,7 @@ def test_selection_options_map_the_config() -> None:
         "rank_by": "clip",
         "top_n": 2,
         "min_agreement": None,
+        "itc_weight": 0.0,
     }
     cfg = loads(BASE + "filter: {model: f, threshold: 0.6, keep_synthetic: 2}\n")
     assert selection_options(cfg) == {
@@ -225,6 +226,7 @@ def test_selection_options_map_the_config() -> None:
         "rank_by": "itm",
         "top_n": None,
         "min_agreement": None,
+        "itc_weight": 0.0,
     }
     cfg = loads(BASE + "filter: {model: f}\nselect: {min_agreement: 0.8, rank_by: agreement}\n")
     assert selection_options(cfg)["min_agreement"] == 0.8 and selection_options(cfg)["rank_by"] == "agreement"

@@ -294,7 +294,7 @@ SUMMARY = {
     },
     "noise": {"raw_web": 0.4, "kept_web_texts": 0.12, "kept_synthetic_wrong": 0.09, "kept_set": 0.1},
     "pairs": {"raw_web": 1000, "kept_web": 600, "synthetic_added": 810, "kept_set": 1410},
-    "caption_scores": {"itm_auc": 0.561, "agreement_auc": 0.714, "min_agreement": 0.995},
+    "caption_scores": {"score_auc": 0.561, "agreement_auc": 0.714, "min_agreement": 0.995},
 }
 
 

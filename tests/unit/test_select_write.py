@@ -52,6 +52,34 @@ def test_select_keep_synthetic_and_keep_web_limits() -> None:
     assert all(not any(flags) for flags in none["synthetic_kept"])
 
 
+def test_itc_weight_mixes_itc_into_the_score_that_passes_and_ranks() -> None:
+    batch = scored_batch()
+    batch["web_itc"] = np.array([0.1, NAN, NAN, 0.9, NAN])
+    batch["synthetic_itc"] = object_array([[0.9, 0.1, 0.3], [0.2, NAN], [], [], [0.6]])
+    out = select(batch, threshold=0.5, keep_web=True, keep_synthetic=1, itc_weight=0.5)
+    # web: (0.5 + 0.1) / 2 = 0.3 < 0.5, removed although its ITM alone passes.
+    assert out["web_kept"].tolist() == [False, False, False, False, False]
+    # Row 0: scores 0.55, 0.45, 0.55 -> "x" (ITM 0.2 alone would fail) ties "z" and comes first.
+    # Row 1: 0.45 and NaN (ITC not scored) -> nothing; row 4: (0.49999 + 0.6) / 2 passes.
+    assert list(out["synthetic_kept"]) == [[True, False, False], [False, False], [], [], [True]]
+    # The same rule from stored scores, and weight 0 is BLIP's ITM rule whatever ITC says.
+    table = pa.table({k: list(v) if v.dtype == object else v for k, v in batch.items()})
+    again = select_table(table, threshold=0.5, keep_web=True, keep_synthetic=1, itc_weight=0.5)
+    assert again.column("synthetic_kept").to_pylist() == list(out["synthetic_kept"])
+    itm_only = select(batch, threshold=0.5, keep_web=True, keep_synthetic=1, itc_weight=0.0)
+    assert itm_only["web_kept"].tolist() == [True, False, False, False, False]
+
+
+def test_itc_weight_without_itc_scores_is_an_error_not_an_empty_dataset() -> None:
+    with pytest.raises(ValueError, match="no ITC scores"):
+        select(scored_batch(), threshold=0.5, itc_weight=0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        select(scored_batch(), threshold=0.5, itc_weight=1.5)
+    # Without a filter (captioner only) there is no score to mix: no error.
+    out = select(scored_batch(), threshold=None, keep_synthetic=1, itc_weight=0.5)
+    assert out["web_kept"].tolist() == [True, False, False, False, False]
+
+
 def test_min_agreement_holds_synthetic_captions_to_their_agreement_not_the_web_text() -> None:
     batch = scored_batch()
     batch["synthetic_agreement"] = object_array([[0.9, 0.4, 0.95], [0.6, 0.61], [], [], [NAN]])
@@ -118,6 +146,7 @@ def test_selection_value_applies_the_same_rule_as_select_table() -> None:
         "rank_by": "itm",
         "top_n": None,
         "min_agreement": None,
+        "itc_weight": 0.0,
     }
     applied = rule.apply(table)
     direct = select_table(table, threshold=0.5, keep_web=False, keep_synthetic=2)
