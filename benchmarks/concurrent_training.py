@@ -28,6 +28,13 @@ web pairs, as MED_0 does (its texts, and so its steps, are longer than the human
     python benchmarks/concurrent_training.py --steps 150
     python benchmarks/concurrent_training.py --compare loader --kind pretrain --steps 120
     python benchmarks/concurrent_training.py --compare alone --kind pretrain --steps 120
+    python benchmarks/concurrent_training.py --compare uneven --steps 400
+
+``--compare uneven`` measures what the bootstrap does when the trainings of a group end at
+different times: a captioner (the demo's captioner:filter step ratio, 900:1,200) and a filter of
+``--steps`` at the same time, one core each; (a) each keeps its one thread, (b) each follows its
+share of :class:`~capfilt.bootstrap.backend.CoreShares`, so the filter trains on every core once the
+captioner ends (what ``capfilt bootstrap`` does). Alternating ``--repeats`` times.
 """
 
 from __future__ import annotations
@@ -54,9 +61,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument(
         "--compare",
         default="trainings",
-        choices=("trainings", "loader", "alone"),
+        choices=("trainings", "loader", "alone", "uneven"),
         help="trainings: two in turn vs at once; loader: one with 0 vs 1 DataLoader worker; "
-        "alone: one in this process vs a child with every core vs --processes data-parallel processes",
+        "alone: one in this process vs a child with every core vs --processes data-parallel processes; "
+        "uneven: a captioner and a longer filter at once, with fixed threads vs threads that follow CoreShares",
     )
     parser.add_argument("--repeats", type=int, default=2, help="--compare loader/data-parallel: runs per setting")
     parser.add_argument("--processes", type=int, default=2, help="--compare alone: data-parallel processes")
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     import torch
 
     from capfilt.bootstrap import load_config
-    from capfilt.bootstrap.backend import train, train_isolated
+    from capfilt.bootstrap.backend import CoreShares, train, train_isolated
     from capfilt.bootstrap.planner import available_cores
     from capfilt.synth import make_corpus
     from capfilt.train import ModelSection
@@ -90,10 +98,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if not human.is_file():
             write_pairs(pa.concat_tables([human_pairs(corpus / "human.parquet"), web_pairs(corpus / "web.parquet")]), human, seed=0)
 
-    def config(name: str, init: ModelSection, steps: int, num_workers: int | None = None, batch: int | None = None):
+    def config(
+        name: str, init: ModelSection, steps: int, num_workers: int | None = None, batch: int | None = None,
+        step_settings=None,
+    ):  # fmt: skip
         if name != "base":
             shutil.rmtree(work / name, ignore_errors=True)  # a rerun measures afresh
-        out = settings.training_config(model=init, data=human, out=work / name, seed=0, progress=False)
+        out = (step_settings or settings).training_config(model=init, data=human, out=work / name, seed=0, progress=False)
         train_update = {"steps": steps, "save_every": steps, "batch_size": batch or out.train.batch_size}
         update: dict = {"train": out.train.model_copy(update=train_update)}
         if num_workers is not None:
@@ -144,6 +155,40 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         seconds = _alternate(runs, args.repeats, args.steps * batch)
         for label, mean in seconds.items():
             print(f"{label}: {seconds['in this process'] / mean:.2f}x the throughput of this process")
+        return seconds
+    if args.compare == "uneven":
+        # the demo's round: captioner and filter at once, the captioner ending first
+        short = max(1, args.steps * cfg.captioner.train.steps // cfg.filter.train.steps)
+        threads = max(1, cores // 2)
+
+        def group(name: str, follow: bool) -> None:
+            shares = CoreShares(cores)
+
+            def one(kind: str, steps: int) -> None:
+                step_settings = cfg.captioner if kind == "captioner" else cfg.filter
+                c = config(f"{name}-{kind}", init, steps, step_settings=step_settings)
+                if not follow:
+                    train_isolated(kind, c, False, threads, 1)
+                    return
+                with shares.taken() as threads_file:
+                    train_isolated(kind, c, False, threads, 1, threads_file=threads_file)
+
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                for job in [pool.submit(one, "captioner", short), pool.submit(one, "filter", args.steps)]:
+                    job.result()
+
+        runs = {
+            f"{threads} thread(s) each throughout": lambda name: group(name, False),
+            "the filter takes the captioner's cores when it ends": lambda name: group(name, True),
+        }
+        print(
+            f"a captioner of {short} steps and a filter of {args.steps} steps (batch {batch}) at the same time "
+            f"on {cores} cores, {threads} thread(s) each at the start; {args.repeats} run(s) per setting, alternating",
+            flush=True,
+        )
+        seconds = _alternate(runs, args.repeats, (short + args.steps) * batch)
+        fixed, follow = seconds.values()
+        print(f"the group ends {fixed - follow:.1f} s sooner ({fixed / follow:.2f}x) when the cores follow")
         return seconds
     samples = 2 * args.steps * batch
     print(f"{cores} cores; two {args.kind} trainings of {args.steps} steps x batch {batch} each", flush=True)

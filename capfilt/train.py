@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -281,10 +282,14 @@ def run_training(
     return train_model(kind, load_model(TrainingConfig, config_path, list(overrides)), resume=resume)
 
 
-def train_model(kind: str, cfg: TrainingConfig, *, resume: bool = False) -> Path:
+def train_model(
+    kind: str, cfg: TrainingConfig, *, resume: bool = False, on_step: Callable[[int], None] | None = None
+) -> Path:
     """Train a MED as ``kind`` from an already validated config (``capfilt bootstrap`` builds one).
 
     The same checks and :class:`UserError` as :func:`run_training`, less the YAML parsing.
+    ``on_step(step)`` runs before each step (``capfilt bootstrap`` adjusts the thread count there:
+    :func:`capfilt.bootstrap.backend.follow_threads`).
     """
     losses = _losses(kind)
     out_dir = Path(cfg.output.dir)
@@ -339,6 +344,8 @@ def train_model(kind: str, cfg: TrainingConfig, *, resume: bool = False) -> Path
     ramp = cfg.train.alpha_ramp_steps or _steps_per_epoch(sources, cfg.data, cfg.train, cfg.optim, world_size)
 
     def step_fn(model: torch.nn.Module, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        if on_step is not None:
+            on_step(step)
         alpha = alpha_ramp(step, ramp, med.config.alpha) if "itc" in losses else None
         return model(
             batch["pixel_values"],

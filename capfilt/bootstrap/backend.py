@@ -40,7 +40,75 @@ def train(kind: str, cfg: TrainingConfig, resume: bool) -> Path:
     return train_model(kind, cfg, resume=resume)
 
 
-def train_isolated(kind: str, cfg: TrainingConfig, resume: bool, threads: int, processes: int = 1) -> Path:
+class CoreShares:
+    """The cores of the trainings that run at the same time, divided again whenever one starts or ends.
+
+    A round's captioner and filter train at once, one core each on 2 cores; the captioner ends
+    minutes before the filter, whose second core would then sit idle. Each training takes a share
+    (:meth:`taken`) and is given a small file that holds its thread count; its child process reads
+    the file before every step (:func:`follow_threads`) and changes its torch threads when the
+    count changes. ``cores // n`` each for n trainings (at least 1).
+    """
+
+    def __init__(self, cores: int) -> None:
+        self.cores = max(1, cores)
+        self._files: list[Path] = []
+        self._lock = threading.Lock()
+
+    def _divide(self) -> None:
+        share = max(1, self.cores // max(1, len(self._files)))
+        for path in self._files:
+            atomic_write_text(path, f"{share}\n")
+
+    @contextmanager
+    def taken(self) -> Iterator[Path]:
+        """A share for one training, as long as the block runs: yields its thread-count file."""
+        import tempfile
+
+        handle, name = tempfile.mkstemp(prefix="capfilt-threads-", suffix=".txt")
+        os.close(handle)
+        path = Path(name)
+        with self._lock:
+            self._files.append(path)
+            self._divide()
+        try:
+            yield path
+        finally:
+            with self._lock:
+                self._files.remove(path)
+                self._divide()
+            path.unlink(missing_ok=True)
+
+
+def read_threads(path: Path) -> int | None:
+    """The thread count in a :class:`CoreShares` file; None when it is gone or being replaced."""
+    try:
+        return max(1, int(path.read_text(encoding="utf-8").strip()))
+    except (OSError, ValueError):
+        return None
+
+
+def follow_threads(path: Path) -> Callable[[int], None]:
+    """A per-step hook for :func:`capfilt.train.train_model`: keeps torch's thread count at what
+    ``path`` holds (:class:`CoreShares`), read before each step."""
+    import torch
+
+    def on_step(step: int) -> None:
+        threads = read_threads(path)
+        if threads is not None and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+
+    return on_step
+
+
+def train_isolated(
+    kind: str,
+    cfg: TrainingConfig,
+    resume: bool,
+    threads: int,
+    processes: int = 1,
+    threads_file: Path | None = None,
+) -> Path:
     """:func:`train` in child processes of its own: ``processes`` data-parallel ranks, ``threads`` CPU threads each.
 
     ``capfilt bootstrap`` trains independent models (a round's captioner and filter, the ablation's
@@ -52,7 +120,9 @@ def train_isolated(kind: str, cfg: TrainingConfig, resume: bool, threads: int, p
     pipeline's Ray tasks and loader workers, which made a two-thread pre-training 1.6x slower. With
     ``processes`` > 1 the training is split across ranks of torch DistributedDataParallel (gloo on
     CPU, one GPU each with CUDA), as ``torchrun`` would start them; ``cfg.train.batch_size`` is then
-    each rank's share of the batch.
+    each rank's share of the batch. With ``threads_file`` (one process; :class:`CoreShares`) the
+    child follows the thread count in that file from step to step, so a training gets the cores
+    its group's finished trainings gave back.
     Processes, not threads: training seeds and draws from torch's process-wide RNG, and each run
     must stay a deterministic function of its config. The children die with this process; rank
     0's ``metrics.jsonl`` drives a progress bar here. When one rank fails the others are stopped
@@ -77,10 +147,11 @@ def train_isolated(kind: str, cfg: TrainingConfig, resume: bool, threads: int, p
         receive, send = ctx.Pipe(duplex=False)
         child = ctx.Process(
             target=_train_child,
-            args=(kind, quiet, resume, threads, env, os.getpid(), send),
+            args=(kind, quiet, resume, threads, env, os.getpid(), send, threads_file if processes == 1 else None),
             name=f"capfilt-train-{kind}" + (f"-rank{rank}" if processes > 1 else ""),
         )
-        with _spawn_environment({"OMP_WAIT_POLICY": "ACTIVE"} if threads > 1 else {}):
+        may_grow = threads_file is not None and processes == 1
+        with _spawn_environment({"OMP_WAIT_POLICY": "ACTIVE"} if threads > 1 or may_grow else {}):
             child.start()  # a spawned child imports torch (and reads OpenMP's settings) as it starts
         send.close()
         children.append(child)
@@ -172,7 +243,14 @@ def _last_step(metrics: Path) -> int:
 
 
 def _train_child(
-    kind: str, cfg: TrainingConfig, resume: bool, threads: int, env: dict[str, str], parent: int, conn: Any
+    kind: str,
+    cfg: TrainingConfig,
+    resume: bool,
+    threads: int,
+    env: dict[str, str],
+    parent: int,
+    conn: Any,
+    threads_file: Path | None = None,
 ) -> None:
     """Body of :func:`train_isolated`'s processes: train (as rank ``env["RANK"]`` when given), report through ``conn``."""
 
@@ -185,11 +263,12 @@ def _train_child(
     os.environ.update(env)  # torch.distributed's env:// rendezvous (the trainer reads WORLD_SIZE)
     import torch
 
+    from capfilt.train import train_model
     from model.errors import CheckpointError
 
     torch.set_num_threads(threads)
     try:
-        train(kind, cfg, resume)
+        train_model(kind, cfg, resume=resume, on_step=follow_threads(threads_file) if threads_file else None)
     except (UserError, CheckpointError) as err:
         conn.send(("user", str(err), ""))
         raise SystemExit(1) from None
@@ -257,9 +336,10 @@ class Backend:
     """``make_corpus(out, images=, seed=, noise=, size=, world=, human_images=, test_images=, progress=)``."""
     train: Callable[[str, TrainingConfig, bool], Path] = train
     """``train(kind, cfg, resume)``: writes ``cfg.output.dir`` (``model/``, and ``hf/`` but for pretrain)."""
-    train_isolated: Callable[[str, TrainingConfig, bool, int, int], Path] = train_isolated
-    """``train_isolated(kind, cfg, resume, threads, processes)``: the same, in ``processes`` data-parallel
-    processes of their own with ``threads`` threads each (``cfg.train.batch_size`` per process)."""
+    train_isolated: Callable[..., Path] = train_isolated
+    """``train_isolated(kind, cfg, resume, threads, processes, threads_file=)``: the same, in ``processes``
+    data-parallel processes of their own with ``threads`` threads each (``cfg.train.batch_size`` per
+    process); one process follows ``threads_file`` (:class:`CoreShares`) when given."""
     run_pipeline: Callable[[PipelineConfig], Path | None] = run_pipeline
     evaluate: Callable[..., dict[str, Any]] = evaluate
     """``evaluate(model_path, test_path, batch_size=, k_test=, num_beams=, ...)``."""

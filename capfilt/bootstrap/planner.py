@@ -50,7 +50,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from capfilt.bootstrap.backend import REAL, Backend
+from capfilt.bootstrap.backend import REAL, Backend, CoreShares
 from capfilt.bootstrap.config import (
     FREE_FIELDS,
     MIN_BATCH_PER_PROCESS,
@@ -101,6 +101,8 @@ class Bootstrap:
         self.backend = backend
         self.slots = training_slots(cfg.concurrent_training)
         """How many trainings of a group run at once (1: one after the other, in this process)."""
+        self.cores = CoreShares(available_cores())
+        """The cores that the trainings running at the same time divide among themselves."""
         corpus = cfg.corpus
         if corpus.synthetic:
             root = Path(corpus.dir) if corpus.dir else run_dir / "corpus"
@@ -242,8 +244,11 @@ class Bootstrap:
         atomic_write_text(staging / "bootstrap-train.yaml", header + dump(config))
         if where is None:
             self.backend.train(kind, config, resume)
-        else:
+        elif where.processes > 1:
             self.backend.train_isolated(kind, config, resume, where.threads, where.processes)
+        else:  # its share of the cores grows when a training of its group ends first
+            with self.cores.taken() as threads_file:
+                self.backend.train_isolated(kind, config, resume, where.threads, 1, threads_file=threads_file)
 
     def _finetune_step(self, kind: str, r: int, i: int, group: int) -> Callable[[Path, bool], None]:
         settings = self.cfg.captioner if kind == "captioner" else self.cfg.filter

@@ -137,7 +137,9 @@ def fake_evaluate(model_path: Path, data_path: Path, **kwargs: Any) -> dict[str,
     }
 
 
-def fake_isolated(kind: str, cfg: TrainingConfig, resume: bool, threads: int, processes: int) -> Path:
+def fake_isolated(
+    kind: str, cfg: TrainingConfig, resume: bool, threads: int, processes: int, threads_file: Path | None = None
+) -> Path:
     """The fake training for steps trained in child processes (``processes`` ranks of ``threads`` threads)."""
     assert threads >= 1 and processes >= 1
     return fake_training(kind, cfg, resume)
@@ -357,7 +359,10 @@ def test_data_parallel_steps_record_each_process_share_and_resume_as_their_check
 
     calls: list[tuple[str, int, int, int]] = []
 
-    def isolated(kind: str, cfg: TrainingConfig, resume: bool, threads: int, processes: int) -> Path:
+    def isolated(
+        kind: str, cfg: TrainingConfig, resume: bool, threads: int, processes: int, threads_file: Path | None = None
+    ) -> Path:
+        assert threads_file is None  # data-parallel ranks keep their threads
         calls.append((kind, threads, processes, cfg.train.batch_size))
         return fake_training(kind, cfg, resume)
 
@@ -539,7 +544,11 @@ def test_training_steps_get_the_demo_settings_as_the_config_object_they_record(
         received.append((kind, cfg))
         return fake_training(kind, cfg, resume)
 
-    def recording_isolated(kind: str, cfg: TrainingConfig, resume: bool, threads: int, processes: int) -> Path:
+    def recording_isolated(
+        kind: str, cfg: TrainingConfig, resume: bool, threads: int, processes: int, threads_file: Path | None = None
+    ) -> Path:
+        # a lone process follows its share of the cores (CoreShares), which it holds while it trains
+        assert threads_file is not None and threads_file.is_file()
         isolated.append((kind, threads, processes))
         return recording(kind, cfg, resume)
 

@@ -335,3 +335,33 @@ def test_reports_without_a_summary_have_no_capfilt_section(
     root = tmp_path / "boot"
     fixtures.make_bootstrap(root, rounds=1, unfinished=False)
     assert "Did CapFilt work?" not in build_report(root).read_text()
+
+
+def test_report_shows_the_score_the_threshold_applied_to_when_itc_is_mixed_in(
+    run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """With filter.itc_weight the tile, the histograms and the cards show (1 - w) x ITM + w x ITC,
+    the number web_kept / synthetic_kept were decided on, not the ITM alone."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    run_dir, _ = run
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("  threshold:", "  itc_weight: 0.5\n  threshold:"), encoding="utf-8")
+    for path in sorted((run_dir / "samples").glob("*.parquet")):
+        table = pq.read_table(path)
+        itm = table.column("web_itm")
+        web_itc = pc.subtract(pa.scalar(1.0), itm)  # every mixed web score is exactly 0.5
+        synthetic = [[0.9 - v for v in (cell or [])] for cell in table.column("synthetic_itm").to_pylist()]
+        table = table.append_column("web_itc", web_itc).append_column(
+            "synthetic_itc", pa.array(synthetic, type=pa.list_(pa.float64()))
+        )
+        pq.write_table(table, path)
+    page = build_report(run_dir, tmp_path / "mixed.html").read_text()
+    assert "filter threshold (score 0.5 x ITM + 0.5 x ITC cosine)" in page
+    assert "Web texts: score 0.5 x ITM + 0.5 x ITC cosine" in page
+    web_scores = re.findall(r'<span class="s">([0-9.]+)</span><span class="src">web</span>', page)
+    assert web_scores and set(web_scores) == {"0.500"}
+    synthetic_scores = re.findall(r'<span class="s">([0-9.]+)</span><span class="src">syn \d</span>', page)
+    assert synthetic_scores and set(synthetic_scores) == {"0.450"}

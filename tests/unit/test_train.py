@@ -584,3 +584,51 @@ def test_isolated_training_dies_with_its_parent(tmp_path: Path, corpus: Path) ->
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_core_shares_give_a_finished_trainings_cores_to_the_ones_still_running() -> None:
+    """The captioner and the filter train at once on one core each; when one ends, the other's
+    thread-count file says 2 (and a child that follows it trains on both cores from its next step)."""
+    from capfilt.bootstrap.backend import CoreShares, read_threads
+
+    shares = CoreShares(2)
+    with shares.taken() as first:
+        assert read_threads(first) == 2  # alone: every core
+        with shares.taken() as second:
+            assert read_threads(first) == read_threads(second) == 1
+            with shares.taken() as third:  # more trainings than cores: one thread each, never 0
+                assert [read_threads(p) for p in (first, second, third)] == [1, 1, 1]
+            assert not third.exists()
+        assert read_threads(first) == 2
+    assert not first.exists() and read_threads(first) is None
+
+
+def test_follow_threads_sets_torch_threads_from_the_file_before_each_step(tmp_path: Path) -> None:
+    from capfilt.bootstrap.backend import follow_threads
+
+    before = torch.get_num_threads()
+    path = tmp_path / "threads.txt"
+    hook = follow_threads(path)
+    try:
+        torch.set_num_threads(2)
+        hook(1)  # no file (yet, or being replaced): leave the threads as they are
+        assert torch.get_num_threads() == 2
+        path.write_text("1\n")
+        hook(2)
+        assert torch.get_num_threads() == 1
+        path.write_text("2\n")
+        hook(3)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_train_model_runs_on_step_before_every_step(tmp_path: Path, corpus: Path) -> None:
+    from capfilt.config import load_model
+    from capfilt.train import TrainingConfig, train_model
+
+    cfg = load_model(TrainingConfig, write_config(tmp_path / "c.yaml", corpus, tmp_path / "out"))
+    seen: list[int] = []
+    train_model("pretrain", cfg, on_step=seen.append)
+    assert [r["step"] for r in read_metrics(tmp_path / "out")] == [1, 2, 3, 4]
+    assert len(seen) == 4 and seen == sorted(seen)
