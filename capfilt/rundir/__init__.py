@@ -93,7 +93,7 @@ OPTIONAL_SAMPLE_COLUMNS: dict[str, pa.DataType] = {
     "duplicate_of": pa.string(),
 }
 """Columns copied into samples files when the stages produced them (ITC scores when
-``filter.itc_column``; the agreement of each synthetic caption with the image's others, from the
+``filter.itc_column`` or ``filter.itc_weight`` > 0; the agreement of each synthetic caption with the image's others, from the
 filter; image sizes and content hash from the download stage; CLIP scores
 with a ``clip`` section; the perceptual hash and the dedup mark with ``dedup.enabled``)."""
 
