@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -65,13 +66,14 @@ def rescored(run: Path):  # -> pa.Table
     return table
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[tuple[float, float], list[dict[str, float]]]:
+    """Prints the comparison; returns, per (itc_weight, threshold), one dict of figures per run."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("runs", nargs="+", type=Path, help="bootstrap run directories (synthetic corpus)")
     parser.add_argument("--rules", default="0:0.3,0.5:0.55", help="itc_weight:threshold, comma-separated")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import pyarrow.parquet as pq
 
@@ -80,7 +82,7 @@ def main() -> None:
     from capfilt.stages.select import score_words
 
     rules = [tuple(float(x) for x in rule.split(":")) for rule in args.rules.split(",")]
-    ranges: dict[tuple[float, float], list[list[float]]] = {rule: [] for rule in rules}
+    results: dict[tuple[float, float], list[dict[str, float]]] = {rule: [] for rule in rules}
     with tempfile.TemporaryDirectory() as tmp:
         for run in args.runs:
             labels = run / "corpus" / "web.parquet"
@@ -98,24 +100,38 @@ def main() -> None:
                     [path], labels, threshold=threshold, itc_weight=weight, min_agreement=rule.min_agreement
                 )
                 by_type = s["filter"]["by_type"]
-                aucs = [by_type[k]["auc"] for k in NOISE]
-                figures = [*aucs, s["noise"]["kept_set"], s["pairs"]["kept_web"], by_type["clean"]["removed"]]
-                ranges[(weight, threshold)].append(figures)
+                figures = {name: by_type[name]["auc"] for name in NOISE}
+                figures.update(
+                    kept_set=s["noise"]["kept_set"], kept_web=s["pairs"]["kept_web"],
+                    clean_removed=by_type["clean"]["removed"],
+                )  # fmt: skip
+                results[(weight, threshold)].append(figures)
                 print(
                     f"{run}  {score_words(weight)} >= {threshold:g}:  ROC-AUC junk / mismatched / wrong attribute "
-                    f"{' / '.join(f'{a:.3f}' for a in aucs)};  kept set {100 * figures[3]:.1f}% noisy;  "
-                    f"web texts kept {figures[4]}, correct ones removed {100 * figures[5]:.0f}%",
+                    f"{' / '.join(_auc(figures[name]) for name in NOISE)};  kept set {_pct(figures['kept_set'])} "
+                    f"noisy;  web texts kept {figures['kept_web']}, correct ones removed {_pct(figures['clean_removed'])}",
                     flush=True,
                 )
     print(
         f"\nrange over {len(args.runs)} run(s): junk | mismatched | wrong attribute | kept set noisy | web kept"
     )
-    for (weight, threshold), rows in ranges.items():
-        lo = [min(col) for col in zip(*rows, strict=True)]
-        hi = [max(col) for col in zip(*rows, strict=True)]
-        cells = [f"{lo[i]:.3f}-{hi[i]:.3f}" for i in range(3)]
-        cells += [f"{100 * lo[3]:.1f}-{100 * hi[3]:.1f}%", f"{lo[4]}-{hi[4]}"]
+    for (weight, threshold), rows in results.items():
+
+        def span(name: str, show: Any, rows: list[dict[str, float]] = rows) -> str:
+            values = [r[name] for r in rows if r[name] is not None]
+            return f"{show(min(values))}-{show(max(values))}" if values else "n/a"
+
+        cells = [span(name, _auc) for name in NOISE] + [span("kept_set", _pct), span("kept_web", str)]
         print(f"  {score_words(weight)} >= {threshold:g}: " + " | ".join(cells))
+    return results
+
+
+def _auc(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 if __name__ == "__main__":

@@ -854,3 +854,32 @@ def test_agreement_with_one_caption_per_image_is_refused_when_the_config_loads()
     assert load_config(None, ["pipeline.caption.num_captions=1", "pipeline.select.min_agreement=null"])
     # two captioners of one caption each are two captions per image
     assert load_config(None, ["pipeline.caption.num_captions=1", "ensemble.captioners=2"]).ensemble.captioners == 2
+
+
+def test_filter_score_bench_rescores_a_round_with_its_own_filter(tmp_path: Path) -> None:
+    """benchmarks/filter_score.py: the round's filter model re-scores the web texts (ITM and ITC),
+    each rule is applied and judged as the job does; thresholds move the kept counts as they must."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    from support import load_benchmark, save_tiny_model
+
+    from capfilt.bootstrap.summary import samples_files
+    from capfilt.stages.select import has_text
+
+    run = _run(tmp_path / "run")
+    model = run / "round-1" / "filter" / "model"
+    shutil.rmtree(model)  # the fake training's model is not a MED: put a real (tiny) one there
+    save_tiny_model(model, seed=0, calibrate_itm=True)
+    texts = [
+        t for f in samples_files(run / "round-1" / "pipeline") for t in pq.read_table(f).column("web_text").to_pylist()
+    ]
+    results = load_benchmark("filter_score").main([str(run), "--rules", "0:0,0:1.01,0.5:0.5,1:-1"])
+    keep_all, keep_none, mixed, itc_all = (results[rule][0] for rule in [(0, 0), (0, 1.01), (0.5, 0.5), (1, -1)])
+    assert keep_all["kept_web"] == sum(has_text(t) for t in texts) == itc_all["kept_web"] > 0
+    assert keep_none["kept_web"] == 0 and keep_none["kept_set"] is None  # nothing kept: no noise rate
+    assert 0.0 <= keep_all["kept_set"] <= 1.0 and 0.0 <= itc_all["kept_set"] <= 1.0
+    for figures in (keep_all, mixed, itc_all):
+        assert all(0.0 <= figures[name] <= 1.0 for name in ("junk", "mismatched", "wrong_attribute"))
+    # the ranking is the score's, not the threshold's: the same ITM ranks the same under any threshold
+    assert [keep_all[n] for n in ("junk", "mismatched")] == [keep_none[n] for n in ("junk", "mismatched")]
