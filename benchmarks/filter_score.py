@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[float, float], list[dict[s
     import pyarrow.parquet as pq
 
     from capfilt.bootstrap.summary import capfilt_summary
+    from capfilt.eval import auc_text
     from capfilt.rundir.read import resolve_run
     from capfilt.stages.select import score_words
 
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[float, float], list[dict[s
                 results[(weight, threshold)].append(figures)
                 print(
                     f"{run}  {score_words(weight)} >= {threshold:g}:  ROC-AUC junk / mismatched / wrong attribute "
-                    f"{' / '.join(_auc(figures[name]) for name in NOISE)};  kept set {_pct(figures['kept_set'])} "
+                    f"{' / '.join(auc_text(figures[name]) for name in NOISE)};  kept set {_pct(figures['kept_set'])} "
                     f"noisy;  web texts kept {figures['kept_web']}, correct ones removed {_pct(figures['clean_removed'])}",
                     flush=True,
                 )
@@ -116,18 +118,16 @@ def main(argv: list[str] | None = None) -> dict[tuple[float, float], list[dict[s
         f"\nrange over {len(args.runs)} run(s): junk | mismatched | wrong attribute | kept set noisy | web kept"
     )
     for (weight, threshold), rows in results.items():
-
-        def span(name: str, show: Any, rows: list[dict[str, float]] = rows) -> str:
-            values = [r[name] for r in rows if r[name] is not None]
-            return f"{show(min(values))}-{show(max(values))}" if values else "n/a"
-
-        cells = [span(name, _auc) for name in NOISE] + [span("kept_set", _pct), span("kept_web", str)]
+        cells = [_span(rows, name, auc_text) for name in NOISE]
+        cells += [_span(rows, "kept_set", _pct), _span(rows, "kept_web", str)]
         print(f"  {score_words(weight)} >= {threshold:g}: " + " | ".join(cells))
     return results
 
 
-def _auc(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def _span(rows: list[dict[str, float]], name: str, show: Callable[[Any], str]) -> str:
+    """min-max of one figure over the runs that have it."""
+    values = [r[name] for r in rows if r[name] is not None]
+    return f"{show(min(values))}-{show(max(values))}" if values else "n/a"
 
 
 def _pct(value: float | None) -> str:
