@@ -253,13 +253,7 @@ def _train_child(
     threads_file: Path | None = None,
 ) -> None:
     """Body of :func:`train_isolated`'s processes: train (as rank ``env["RANK"]`` when given), report through ``conn``."""
-
-    def die_with_parent() -> None:  # a killed bootstrap must not leave trainings writing behind it
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=die_with_parent, daemon=True).start()
+    _exit_with_parent(parent)
     os.environ.update(env)  # torch.distributed's env:// rendezvous (the trainer reads WORLD_SIZE)
     import torch
 
@@ -278,6 +272,18 @@ def _train_child(
     conn.send(None)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """In a child process: exit as soon as ``parent`` is gone (a killed bootstrap must not leave
+    trainings writing behind it, or evaluations running)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def run_pipeline(cfg: PipelineConfig) -> Path | None:
     """The ``capfilt run`` pipeline (:func:`capfilt.pipeline.run`)."""
     from capfilt import pipeline
@@ -290,6 +296,66 @@ def evaluate(model_path: Path, data_path: Path, **kwargs: Any) -> dict[str, Any]
     from capfilt import eval as evalmod
 
     return evalmod.evaluate(model_path, data_path, **kwargs)
+
+
+def evaluate_isolated(model_path: Path, data_path: Path, threads: int, **kwargs: Any) -> dict[str, Any]:
+    """:func:`evaluate` in a child process of its own with ``threads`` CPU threads; returns its result.
+
+    ``capfilt bootstrap --ablation`` evaluates MED_1 and the ablation's rows at the same time this
+    way: on 2 cores two evaluations of 1,000 test images took 74 s one after the other in the
+    bootstrap's process and 55 s at once in two one-thread children (benchmarks/README.md, "The
+    ablation's pre-trainings together"). A process, not a thread: captioning is a Python loop per
+    token that would hold the GIL. A :class:`UserError` in the child is raised here as one; any other
+    failure as a :class:`RuntimeError` with the child's traceback.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(
+        target=_evaluate_child,
+        args=(str(model_path), str(data_path), threads, kwargs, os.getpid(), send),
+        name="capfilt-eval",
+    )
+    child.start()
+    send.close()
+    outcome = None
+    try:
+        outcome = receive.recv()
+    except EOFError:
+        child.join()  # it died before it could report (killed, out of memory)
+    finally:
+        if outcome is None and child.is_alive():
+            child.terminate()  # interrupted here (Ctrl-C): the child must not outlive the step
+        child.join()
+        receive.close()
+    what, payload, trace = outcome or ("error", f"exit code {child.exitcode}", "")
+    if what == "done":
+        return payload
+    if what == "user":
+        raise UserError(payload)
+    raise RuntimeError(f"evaluation of {model_path} (child process) failed: {payload}\n{trace}".rstrip())
+
+
+def _evaluate_child(
+    model_path: str, data_path: str, threads: int, kwargs: dict[str, Any], parent: int, conn: Any
+) -> None:
+    """Body of :func:`evaluate_isolated`'s process: evaluate, send ("done", result, "") or the failure."""
+    _exit_with_parent(parent)
+    import torch
+
+    from model.errors import CheckpointError
+
+    torch.set_num_threads(threads)
+    try:
+        result = evaluate(Path(model_path), Path(data_path), **kwargs)
+    except (UserError, CheckpointError) as err:
+        conn.send(("user", str(err), ""))
+        raise SystemExit(1) from None
+    except BaseException as err:  # noqa: BLE001 - reported to the parent, then this process exits
+        conn.send(("error", f"{type(err).__name__}: {err}", traceback.format_exc()))
+        raise SystemExit(1) from None
+    conn.send(("done", result, ""))
 
 
 @contextmanager
@@ -343,6 +409,8 @@ class Backend:
     run_pipeline: Callable[[PipelineConfig], Path | None] = run_pipeline
     evaluate: Callable[..., dict[str, Any]] = evaluate
     """``evaluate(model_path, test_path, batch_size=, k_test=, num_beams=, ...)``."""
+    evaluate_isolated: Callable[..., dict[str, Any]] = evaluate_isolated
+    """``evaluate_isolated(model_path, test_path, threads, ...)``: the same, in a process of its own."""
     serve_corpus: Callable[[Path, Path], AbstractContextManager[str]] = serve_corpus
     build_report: Callable[[Path], Path | None] = build_report
 

@@ -8,10 +8,11 @@
               loopback) -> D_r = human + kept web + kept synthetic -> pre-train MED_r on D_r
               (from scratch, BLIP Table 13, or continuing MED_{r-1}) -> evaluate MED_r
 
-A round's captioner(s) and filter(s) depend only on MED_{r-1}, and the ablation's pre-trainings
-only on round 1's output: with ``concurrent_training`` (on CPU by default) each such group trains
-at the same time, one process per model with a share of the cores; MED_r's pre-training, alone,
-trains in a child process with every core (or, with ``data_parallel``, across DDP processes).
+A round's captioner(s) and filter(s) depend only on MED_{r-1}, and MED_1 and the ablation's
+pre-trainings only on round 1's output: with ``concurrent_training`` (on CPU by default) each such
+group trains at the same time, one process per model with a share of the cores; MED_r's
+pre-training, when alone, trains in a child process with every core (or, with ``data_parallel``,
+across DDP processes).
 
 Every step writes into a hidden staging path next to its artifact (``round-1/.filter.partial``)
 and is committed by an atomic rename to ``round-1/filter`` followed by an atomic rewrite of
@@ -143,6 +144,7 @@ class Bootstrap:
         ) -> None:
             steps.append(Step(name=name, target=target, run=run, resumable=resumable, group=group))
 
+        variants = self.ablation_variants_to_train() if ablation else []
         if cfg.corpus.synthetic and not cfg.corpus.dir:
             add("corpus", self.run_dir / "corpus", self._corpus_step, resumable=False)
         add("round-0/pretrain", self.round_dir(0) / "pretrain", self._pretrain_step(0))
@@ -156,17 +158,24 @@ class Bootstrap:
                     run = self._finetune_step(kind, r, i, group)
                     add(f"round-{r}/{name}", rd / name, run, group=f"round-{r}/fine-tune")
             add(f"round-{r}/pipeline", rd / "pipeline", self._pipeline_step(r))
-            add(f"round-{r}/pretrain", rd / "pretrain", self._pretrain_step(r))
-            add(f"round-{r}/eval", rd / "eval.json", self._eval_step(r), resumable=False)
-        if ablation:
-            variants = self.ablation_variants_to_train()
-            for variant in variants:
+            # The ablation's pre-trainings, like MED_1, need only round 1's pipeline output: they all
+            # train at the same time (one-thread trainings side by side on 2 cores do more work per
+            # second than one on both cores, benchmarks/README.md "The ablation's pre-trainings together").
+            together = variants if r == 1 else []
+            pretrain_group = f"round-{r}/pre-train" if together else None
+            size = 1 + len(together)
+            add(f"round-{r}/pretrain", rd / "pretrain", self._pretrain_step(r, size), group=pretrain_group)
+            for variant in together:
                 base = self.run_dir / "ablation" / variant
-                run = self._ablation_pretrain_step(variant, len(variants))
-                add(f"ablation/{variant}/pretrain", base / "pretrain", run, group="ablation/pretrain")
-            for variant in variants:
+                run = self._ablation_pretrain_step(variant, size)
+                add(f"ablation/{variant}/pretrain", base / "pretrain", run, group=pretrain_group)
+            # ... and their evaluations run at the same time too, each in a process of its own
+            eval_group = f"round-{r}/evaluate" if together else None
+            add(f"round-{r}/eval", rd / "eval.json", self._eval_step(r, size), resumable=False, group=eval_group)
+            for variant in together:
                 base = self.run_dir / "ablation" / variant
-                add(f"ablation/{variant}/eval", base / "eval.json", self._ablation_eval_step(variant), False)
+                run = self._ablation_eval_step(variant, size)
+                add(f"ablation/{variant}/eval", base / "eval.json", run, resumable=False, group=eval_group)
         return steps
 
     def placement(self, group_size: int, batch_size: int) -> Placement | None:
@@ -267,14 +276,16 @@ class Bootstrap:
 
         return run
 
-    def _pretrain_step(self, r: int) -> Callable[[Path, bool], None]:
+    def _pretrain_step(self, r: int, group: int = 1) -> Callable[[Path, bool], None]:
+        """MED_r's pre-training; ``group``: how many trainings run at the same time as it (:meth:`placement`)."""
+
         def run(staging: Path, resuming: bool) -> None:
             data = staging / "data" / "pairs.parquet"
             if not data.is_file():
                 write_pairs(self.pretrain_pairs(r), data, seed=self.cfg.pretrain.train.seed + r)
             init = "scratch" if r == 0 or self.cfg.from_scratch else str(self.model_dir(r - 1))
             captions = self.cfg.pretrain.round0_captions if r == 0 else None
-            self._pretrain(data, init=init, staging=staging, resuming=resuming, captions=captions)
+            self._pretrain(data, init=init, staging=staging, resuming=resuming, group=group, captions=captions)
 
         return run
 
@@ -416,15 +427,30 @@ class Bootstrap:
         return run
 
     # ---- evaluation
-    def _evaluate(self, pretrain: Path) -> dict[str, Any]:
-        """The pre-trained model under ``pretrain`` on the test set, and the pairs it was trained on."""
+    def eval_threads(self, group_size: int) -> int | None:
+        """Threads of each evaluation in a group of ``group_size`` run at once (None: in this process)."""
+        at_once = min(group_size, self.slots)
+        return None if at_once <= 1 else max(1, available_cores() // at_once)
+
+    def _evaluate(self, pretrain: Path, group: int = 1) -> dict[str, Any]:
+        """The pre-trained model under ``pretrain`` on the test set, and the pairs it was trained on.
+
+        ``group``: how many evaluations run at the same time; more than one, each runs in a
+        process of its own with its share of the cores (:meth:`eval_threads`).
+        """
         import pyarrow.parquet as pq
 
         pairs = pq.read_table(pretrain / "data" / "pairs.parquet", columns=["source"])
+        settings = self.cfg.eval.model_dump()
+        threads = self.eval_threads(group)
+        if threads is None:
+            result = self.backend.evaluate(pretrain / "model", self.corpus.test, **settings)
+        else:
+            result = self.backend.evaluate_isolated(pretrain / "model", self.corpus.test, threads, **settings)
         return {
             "model": str(pretrain / "model"),
             "data": {"pairs": pairs.num_rows, "by_source": count_sources(pairs)},
-            "eval": self.backend.evaluate(pretrain / "model", self.corpus.test, **self.cfg.eval.model_dump()),
+            "eval": result,
         }
 
     def _round_summaries(self, r: int) -> dict[str, Any]:
@@ -447,11 +473,11 @@ class Bootstrap:
             ),
         }
 
-    def _eval_step(self, r: int) -> Callable[[Path, bool], None]:
+    def _eval_step(self, r: int, group: int = 1) -> Callable[[Path, bool], None]:
         def run(staging: Path, resuming: bool) -> None:
             result = {
                 "round": r,
-                **self._evaluate(self.round_dir(r) / "pretrain"),
+                **self._evaluate(self.round_dir(r) / "pretrain", group),
                 **self._round_summaries(r),
             }
             _write_json(staging, result)
@@ -459,12 +485,10 @@ class Bootstrap:
 
         return run
 
-    def _ablation_eval_step(self, variant: str) -> Callable[[Path, bool], None]:
+    def _ablation_eval_step(self, variant: str, group: int) -> Callable[[Path, bool], None]:
         def run(staging: Path, resuming: bool) -> None:
-            _write_json(
-                staging,
-                {"variant": variant, **self._evaluate(self.run_dir / "ablation" / variant / "pretrain")},
-            )
+            pretrain = self.run_dir / "ablation" / variant / "pretrain"
+            _write_json(staging, {"variant": variant, **self._evaluate(pretrain, group)})
 
         return run
 

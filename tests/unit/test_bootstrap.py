@@ -145,9 +145,13 @@ def fake_isolated(
     return fake_training(kind, cfg, resume)
 
 
+def fake_evaluate_isolated(model_path: Path, data_path: Path, threads: int, **kwargs: Any) -> dict[str, Any]:
+    return fake_evaluate(model_path, data_path, **kwargs)
+
+
 FAKES = Backend(
     train=fake_training, train_isolated=fake_isolated, run_pipeline=fake_pipeline, evaluate=fake_evaluate,
-    build_report=lambda run: None,
+    evaluate_isolated=fake_evaluate_isolated, build_report=lambda run: None,
 )  # fmt: skip
 """The real corpus generator and loopback server; fake training, pipeline and evaluation; no report."""
 
@@ -337,6 +341,66 @@ def test_placement_shares_the_cores_among_a_group_and_splits_a_training_across_p
     cfg = bootstrap.load_config(None, [*SMALL, f"concurrent_training={concurrent}", f"data_parallel={parallel}"])
     expected = Placement(processes=where[0], threads=where[1]) if where else None
     assert Bootstrap(cfg=cfg, run_dir=tmp_path, backend=FAKES).placement(group, batch) == expected
+
+
+def test_ablation_pretrainings_train_with_med1_as_one_group_of_one_thread_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_faults: None
+) -> None:
+    """--ablation: MED_1 and the three rows need only round 1's pipeline, so they form one group that
+    trains at once (one thread each on 2 cores); MED_0 and a later round's MED_r still train alone."""
+    from dataclasses import replace
+
+    from capfilt.bootstrap.planner import Bootstrap
+
+    monkeypatch.setattr("capfilt.bootstrap.planner.available_cores", lambda: 2)
+    cfg = bootstrap.load_config(None, [*SMALL, "concurrent_training=true"])
+    steps = Bootstrap(cfg=cfg, run_dir=tmp_path / "plan", backend=FAKES).steps(rounds=2, ablation=True)
+    names = [step.name for step in steps]
+    together = ["round-1/pretrain", "ablation/raw/pretrain", "ablation/filter/pretrain", "ablation/captioner/pretrain"]
+    first = names.index("round-1/pretrain")
+    assert names[first : first + 4] == together and names[first - 1] == "round-1/pipeline"
+    assert {steps[first + i].group for i in range(4)} == {"round-1/pre-train"}
+    evaluations = ["round-1/eval", "ablation/raw/eval", "ablation/filter/eval", "ablation/captioner/eval"]
+    assert names[first + 4 : first + 8] == evaluations and names[first + 8] == "round-2/captioner"
+    assert {steps[first + 4 + i].group for i in range(4)} == {"round-1/evaluate"}
+    for alone in ("round-0/pretrain", "round-0/eval", "round-2/pretrain", "round-2/eval"):
+        assert steps[names.index(alone)].group is None
+    plain = Bootstrap(cfg=cfg, run_dir=tmp_path / "plan", backend=FAKES).steps(rounds=1, ablation=False)
+    assert [step.group for step in plain if "pretrain" in step.name or "eval" in step.name] == [None] * 4
+
+    placed: dict[str, int] = {}
+
+    def isolated(
+        kind: str, config: TrainingConfig, resume: bool, threads: int, processes: int, threads_file: Path | None = None
+    ) -> Path:
+        placed[Path(config.output.dir).parent.name + "/" + Path(config.output.dir).name] = threads
+        return fake_training(kind, config, resume)
+
+    evaluated: dict[str, int | None] = {}
+
+    def evaluate(model_path: Path, data_path: Path, **kwargs: Any) -> dict[str, Any]:
+        evaluated[Path(model_path).parent.parent.name] = None  # in this process
+        return fake_evaluate(model_path, data_path, **kwargs)
+
+    def evaluate_isolated(model_path: Path, data_path: Path, threads: int, **kwargs: Any) -> dict[str, Any]:
+        evaluated[Path(model_path).parent.parent.name] = threads
+        return fake_evaluate(model_path, data_path, **kwargs)
+
+    backend = replace(FAKES, train_isolated=isolated, evaluate=evaluate, evaluate_isolated=evaluate_isolated)
+    bootstrap.run_bootstrap(
+        None, [*SMALL, "concurrent_training=true"], out=tmp_path / "run", progress=False, backend=backend,
+        ablation=True,
+    )  # fmt: skip
+    # MED_0's evaluation alone, in this process; MED_1's and the rows' at once, a process and a core each
+    assert evaluated == {"round-0": None, "round-1": 1, "raw": 1, "filter": 1, "captioner": 1}
+    pretrain = {name: threads for name, threads in placed.items() if name.endswith("pretrain.partial")}
+    assert pretrain == {
+        "round-0/.pretrain.partial": 2,  # alone: both cores
+        "round-1/.pretrain.partial": 1,  # with the three rows: one thread each
+        "raw/.pretrain.partial": 1,
+        "filter/.pretrain.partial": 1,
+        "captioner/.pretrain.partial": 1,
+    }
 
 
 def test_data_parallel_refuses_a_batch_it_cannot_split_and_a_count_under_one(tmp_path: Path) -> None:
@@ -584,7 +648,7 @@ def test_training_steps_get_the_demo_settings_as_the_config_object_they_record(
     steps = [
         (cfg.train.steps, cfg.train.seed, cfg.train.save_every, cfg.optim.warmup_steps) for _, cfg in received
     ]
-    assert steps == [(800, 0, 200, 30), (900, 1001, 300, 20), (1200, 1002, 400, 20), (800, 0, 200, 30)]
+    assert steps == [(800, 0, 200, 30), (900, 1001, 300, 20), (800, 1002, 400, 20), (800, 0, 200, 30)]
     round0, captioner = received[0][1].model, received[1][1].model
     assert (round0.init, round0.preset, round0.vocab_size, round0.overrides["queue_size"]) == (
         "scratch",
@@ -613,10 +677,10 @@ STEPS = [
     "round-1/captioner",
     "round-1/filter",
     "round-1/pipeline",
+    "ablation/filter/pretrain",  # MED_1 and the ablation's rows train as one group
     "round-1/pretrain",
+    "ablation/captioner/eval",  # ... and are evaluated as one
     "round-1/eval",
-    "ablation/filter/pretrain",
-    "ablation/captioner/eval",
 ]
 
 
@@ -628,8 +692,9 @@ def test_crash_at_every_step_boundary_then_rerun_gives_the_same_artifacts(
     for step in STEPS:  # crash at each step in turn, on one run directory
         if State(run / "state.json").done(step):
             # Trained at the same time as the step of its group that crashed, and committed then
-            # (the fine-tunes run concurrently on a machine with 2+ cores).
-            assert step in ("round-1/filter",)
+            # (the fine-tunes, and MED_1 with the ablation's pre-trainings, run concurrently on a
+            # machine with 2+ cores).
+            assert step in ("round-1/filter", "round-1/pretrain", "round-1/eval")
             continue
         monkeypatch.setenv(variable, step)
         with pytest.raises(InjectedFault, match=step):

@@ -389,3 +389,24 @@ def test_evaluate_end_to_end(tiny, corpus, tmp_path) -> None:
     assert result["settings"]["prompt"] == "a picture of " and result["seconds"]["total"] > 0
     path = ev.write_json(result, tmp_path / "eval.json")
     assert json.loads(path.read_text())["retrieval"]["r_mean"] == pytest.approx(ret["r_mean"])
+
+
+def test_evaluate_isolated_equals_in_process_and_reports_errors_as_here(tiny, corpus) -> None:
+    """The bootstrap's concurrent evaluations (``--ablation``) run in spawned processes: the same
+    result as in this process at the same thread count, and a bad checkpoint is still a UserError."""
+    pytest.importorskip("model.hf")
+    from capfilt.bootstrap.backend import evaluate_isolated
+
+    _, _, ckpt = tiny
+    settings = dict(batch_size=4, k_test=4, max_length=10, limit=4, device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = ev.evaluate(ckpt, corpus / "test.parquet", **settings)
+    finally:
+        torch.set_num_threads(threads)
+    there = evaluate_isolated(ckpt, corpus / "test.parquet", 1, **settings)
+    assert there["n_images"] == 4 and there["retrieval"] == here["retrieval"]
+    assert there["captioning"] == here["captioning"] and there["settings"] == here["settings"]
+    with pytest.raises(UserError, match="model: .*not found"):
+        evaluate_isolated(corpus / "no" / "such" / "ckpt", corpus / "test.parquet", 1)
