@@ -21,7 +21,8 @@ never as evidence.
     python benchmarks/ablation.py --seeds 3 --out runs/ablation-bench
     python benchmarks/ablation.py --seeds 1 --out /tmp/abl --set pretrain.train.steps=50   # smoke test
 
-Writes ``OUT/ablation_seeds.json`` (every seed's rows, the summary, wall times, load average);
+Writes ``OUT/ablation_seeds.json`` (every seed's rows, the summary, wall times per seed and per
+step, load average);
 each seed's bootstrap directory ``OUT/seed-S`` is kept (a rerun resumes it).
 """
 
@@ -123,17 +124,23 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def step_seconds(run_dir: Path) -> dict[str, float | None]:
+    """Each step's wall seconds in a bootstrap run directory (its ``state.json``; None: not timed)."""
+    state = json.loads((run_dir / "state.json").read_text(encoding="utf-8"))
+    return {name: entry.get("seconds") for name, entry in state.get("steps", {}).items()}
+
+
 def run_seed(
     seed: int, *, config: str | None, out: Path, extra: Sequence[str]
-) -> tuple[dict[str, Any], float]:
-    """One seed's ``capfilt bootstrap --ablation``; returns its rows by variant and wall seconds."""
+) -> tuple[dict[str, Any], float, dict[str, float | None]]:
+    """One seed's ``capfilt bootstrap --ablation``; returns its rows by variant, wall seconds and step seconds."""
     from capfilt.bootstrap import run_bootstrap
 
     started = time.perf_counter()
     run_dir = run_bootstrap(config, [*seed_overrides(seed), *extra], out=out, ablation=True, progress=False)
     seconds = time.perf_counter() - started
     rows = json.loads((run_dir / "ablation.json").read_text(encoding="utf-8"))["variants"]
-    return {row["variant"]: row for row in rows}, seconds
+    return {row["variant"]: row for row in rows}, seconds, step_seconds(run_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -173,10 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         print(f"=== seed {seed} ===", flush=True)
         extra = [f"corpus.test_images={args.test_images}", *args.sets]
-        rows, seconds = run_seed(seed, config=args.config, out=args.out / f"seed-{seed}", extra=extra)
+        rows, seconds, steps = run_seed(seed, config=args.config, out=args.out / f"seed-{seed}", extra=extra)
         runs.append(rows)
         per_seed.append(
-            {"seed": seed, "seconds": round(seconds, 1), "load_avg": os.getloadavg(), "rows": rows}
+            {"seed": seed, "seconds": round(seconds, 1), "load_avg": os.getloadavg(), "steps": steps, "rows": rows}
         )
         print(f"seed {seed}: {seconds:.0f}s, load average {os.getloadavg()[0]:.2f}", flush=True)
     summary = summarize(runs)

@@ -31,9 +31,8 @@ web pairs, as MED_0 does (its texts, and so its steps, are longer than the human
     python benchmarks/concurrent_training.py --compare uneven --steps 400
 
 ``--compare uneven`` measures what the bootstrap does when the trainings of a group end at
-different times: a captioner (the demo config's captioner:filter step ratio; at 900:800 the filter
-still ends last, a filter step costing ~1.8x a captioner step) and a filter of ``--steps`` at the
-same time, one core each; (a) each keeps its one thread, (b) each follows its
+different times: a captioner (the demo's captioner:filter step ratio, 900:1,200) and a filter of
+``--steps`` at the same time, one core each; (a) each keeps its one thread, (b) each follows its
 share of :class:`~capfilt.bootstrap.backend.CoreShares`, so the filter trains on every core once the
 captioner ends (what ``capfilt bootstrap`` does). Alternating ``--repeats`` times.
 """
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             print(f"{label}: {seconds['in this process'] / mean:.2f}x the throughput of this process")
         return seconds
     if args.compare == "uneven":
-        # the demo's round: captioner and filter at once, the captioner (lighter steps) ending first
+        # the demo's round: captioner and filter at once, the captioner ending first
         short = max(1, args.steps * cfg.captioner.train.steps // cfg.filter.train.steps)
         threads = max(1, cores // 2)
 

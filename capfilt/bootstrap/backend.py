@@ -302,11 +302,11 @@ def evaluate_isolated(model_path: Path, data_path: Path, threads: int, **kwargs:
     """:func:`evaluate` in a child process of its own with ``threads`` CPU threads; returns its result.
 
     ``capfilt bootstrap --ablation`` evaluates MED_1 and the ablation's rows at the same time this
-    way: on 2 cores two evaluations of 1,000 test images took 74 s one after the other in the
-    bootstrap's process and 55 s at once in two one-thread children (benchmarks/README.md, "The
-    ablation's pre-trainings together"). A process, not a thread: captioning is a Python loop per
-    token that would hold the GIL. A :class:`UserError` in the child is raised here as one; any other
-    failure as a :class:`RuntimeError` with the child's traceback.
+    way, each with its share of the cores, as their pre-trainings train (a small MED does not use
+    many threads well; on 2 cores the four took about as long at once as one after the other:
+    benchmarks/README.md, "MED_1 and the ablation's rows together"). A process, not a thread:
+    captioning is a Python loop per token that would hold the GIL. A :class:`UserError` in the child
+    is raised here as one; any other failure as a :class:`RuntimeError` with the child's traceback.
     """
     import multiprocessing
 

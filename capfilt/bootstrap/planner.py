@@ -159,8 +159,8 @@ class Bootstrap:
                     add(f"round-{r}/{name}", rd / name, run, group=f"round-{r}/fine-tune")
             add(f"round-{r}/pipeline", rd / "pipeline", self._pipeline_step(r))
             # The ablation's pre-trainings, like MED_1, need only round 1's pipeline output: they all
-            # train at the same time (one-thread trainings side by side on 2 cores do more work per
-            # second than one on both cores, benchmarks/README.md "The ablation's pre-trainings together").
+            # train at the same time, each with its share of the cores (benchmarks/README.md, "MED_1
+            # and the ablation's rows together").
             together = variants if r == 1 else []
             pretrain_group = f"round-{r}/pre-train" if together else None
             size = 1 + len(together)

@@ -67,3 +67,12 @@ def test_seeds_change_the_corpus_and_every_training_seed(ablation: Any) -> None:
         lambda c: c.pipeline.caption.seed,
     ):
         assert get(a) != get(b)
+
+
+def test_step_seconds_reads_each_steps_wall_time_from_the_run_state(ablation: Any, tmp_path: Any) -> None:
+    from capfilt.bootstrap.steps import State
+
+    state = State(tmp_path / "state.json")
+    state.mark("round-0/pretrain", 12.5)
+    state.mark("corpus", None)  # found committed by a rerun: not timed
+    assert ablation.step_seconds(tmp_path) == {"round-0/pretrain": 12.5, "corpus": None}
