@@ -258,18 +258,26 @@ def _train_child(
     import torch
 
     from capfilt.train import train_model
-    from model.errors import CheckpointError
 
     torch.set_num_threads(threads)
+    on_step = follow_threads(threads_file) if threads_file else None
+    _report_failure(conn, lambda: train_model(kind, cfg, resume=resume, on_step=on_step))
+    conn.send(None)
+
+
+def _report_failure(conn: Any, work: Callable[[], Any]) -> Any:
+    """In a child process: ``work()``'s result; a failure is sent through ``conn`` as ("user" or
+    "error", message, traceback) and ends the process (a child's report to its parent)."""
+    from model.errors import CheckpointError
+
     try:
-        train_model(kind, cfg, resume=resume, on_step=follow_threads(threads_file) if threads_file else None)
+        return work()
     except (UserError, CheckpointError) as err:
         conn.send(("user", str(err), ""))
         raise SystemExit(1) from None
     except BaseException as err:  # noqa: BLE001 - reported to the parent, then this process exits
         conn.send(("error", f"{type(err).__name__}: {err}", traceback.format_exc()))
         raise SystemExit(1) from None
-    conn.send(None)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -344,17 +352,8 @@ def _evaluate_child(
     _exit_with_parent(parent)
     import torch
 
-    from model.errors import CheckpointError
-
     torch.set_num_threads(threads)
-    try:
-        result = evaluate(Path(model_path), Path(data_path), **kwargs)
-    except (UserError, CheckpointError) as err:
-        conn.send(("user", str(err), ""))
-        raise SystemExit(1) from None
-    except BaseException as err:  # noqa: BLE001 - reported to the parent, then this process exits
-        conn.send(("error", f"{type(err).__name__}: {err}", traceback.format_exc()))
-        raise SystemExit(1) from None
+    result = _report_failure(conn, lambda: evaluate(Path(model_path), Path(data_path), **kwargs))
     conn.send(("done", result, ""))
 
 
