@@ -85,6 +85,11 @@ class MEDConfig:
     momentum: float = 0.995  # EMA factor of the momentum encoders
     alpha: float = 0.4  # momentum-distillation weight (the trainer ramps it up over epoch 0)
     temp: float = 0.07  # initial ITC temperature (learnable, clamped to [0.001, 0.5])
+    # ITM hard negatives are drawn with weights softmax(cosine / t): None = t is the learned ITC
+    # temperature (BLIP). A fixed t (e.g. 0.05) keeps the draw from turning into an argmax when the
+    # learned temperature falls to its floor, which in a world of few distinct captions makes the
+    # "negative" a text that describes the image (a false negative) for a third of the pairs.
+    itm_negative_temp: float | None = None
     label_smoothing: float = 0.1  # LM label smoothing as BLIP pre-training (HF's default is 0.0)
     itm_use_enc_token: bool = True  # BLIP puts [ENC] at position 0 for ITM; HF's retrieval model does not
     prompt: str = "a picture of "  # BLIP's captioning prompt; its tokens are masked in LM labels
@@ -115,6 +120,8 @@ class MEDConfig:
             problems.append(f"alpha must be in [0, 1], got {self.alpha}")
         if not 0.001 <= self.temp <= 0.5:
             problems.append(f"temp must be in [0.001, 0.5], got {self.temp}")
+        if self.itm_negative_temp is not None and not self.itm_negative_temp > 0:
+            problems.append(f"itm_negative_temp must be > 0 or null, got {self.itm_negative_temp}")
         if problems:
             raise ValueError("invalid MEDConfig: " + "; ".join(problems))
 
@@ -997,8 +1004,9 @@ class MED(nn.Module):
             itm_ids, itm_mask = input_ids, attention_mask
             with torch.no_grad():
                 # Hard negatives come from the global batch (every data-parallel rank's pairs).
-                sim_i2t = image_feat @ _all_gather(text_feat).T / self.temp
-                sim_t2i = sim_i2t.T if world == 1 else text_feat @ _all_gather(image_feat).T / self.temp
+                temp = self.temp if self.config.itm_negative_temp is None else self.config.itm_negative_temp
+                sim_i2t = image_feat @ _all_gather(text_feat).T / temp
+                sim_t2i = sim_i2t.T if world == 1 else text_feat @ _all_gather(image_feat).T / temp
                 neg_image, neg_text = L.hard_negative_indices(
                     sim_i2t, sim_t2i, image_ids=image_ids,
                     candidate_ids=ids_all, offset=_rank() * rows,

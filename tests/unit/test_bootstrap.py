@@ -648,7 +648,7 @@ def test_training_steps_get_the_demo_settings_as_the_config_object_they_record(
     steps = [
         (cfg.train.steps, cfg.train.seed, cfg.train.save_every, cfg.optim.warmup_steps) for _, cfg in received
     ]
-    assert steps == [(800, 0, 200, 30), (900, 1001, 300, 20), (1200, 1002, 400, 20), (800, 0, 200, 30)]
+    assert steps == [(800, 0, 200, 30), (900, 1001, 300, 20), (800, 1002, 400, 20), (800, 0, 200, 30)]
     round0, captioner = received[0][1].model, received[1][1].model
     assert (round0.init, round0.preset, round0.vocab_size, round0.overrides["queue_size"]) == (
         "scratch",
@@ -656,6 +656,7 @@ def test_training_steps_get_the_demo_settings_as_the_config_object_they_record(
         400,
         256,
     )
+    assert round0.overrides["itm_negative_temp"] == 0.05  # ITM's negatives drawn at a fixed temperature
     assert captioner.init == str(run / "round-0" / "pretrain" / "model")
     assert received[0][1].optim.min_lr == 1e-5 and received[1][1].optim.min_lr == 0.0
 

@@ -356,3 +356,32 @@ def test_data_parallel_ranks_compute_the_global_batch_losses_and_gradients(tmp_p
     for name, grad in grads.items():
         torch.testing.assert_close(ranks[0]["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
         torch.testing.assert_close(ranks[1]["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("fixed", [None, 0.05])
+def test_itm_hard_negatives_are_drawn_at_the_configured_temperature(monkeypatch, fixed) -> None:
+    """itm_negative_temp=None draws ITM negatives with BLIP's learned ITC temperature; a fixed value
+    replaces it in the draw (and only there: the ITC temperature itself is untouched)."""
+    from model import losses
+
+    med = small_med(itm_negative_temp=fixed).train()
+    with torch.no_grad():
+        med.temp.fill_(0.001)  # the floor a short run's learned temperature falls to
+    pixels, ids, mask = batch()
+    seen = {}
+    draw = losses.hard_negative_indices
+
+    def spy(sim_i2t, sim_t2i, **kw):
+        seen["i2t"], seen["t2i"] = sim_i2t.clone(), sim_t2i.clone()
+        return draw(sim_i2t, sim_t2i, **kw)
+
+    monkeypatch.setattr(losses, "hard_negative_indices", spy)
+    med(pixels, ids, mask, losses=("itm",))
+    with torch.no_grad():
+        cosine = med.image_features(med.encode_image(pixels)) @ med.text_features(med.encode_text(ids, mask)).T
+    temp = 0.001 if fixed is None else fixed
+    torch.testing.assert_close(seen["i2t"], cosine / temp)
+    torch.testing.assert_close(seen["t2i"], cosine.T / temp)
+    assert float(med.temp) == pytest.approx(0.001)
+    with pytest.raises(ValueError, match="itm_negative_temp must be > 0"):
+        MEDConfig.preset("tiny").replace(itm_negative_temp=0.0)
