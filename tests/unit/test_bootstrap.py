@@ -949,3 +949,32 @@ def test_filter_score_bench_rescores_a_round_with_its_own_filter(tmp_path: Path)
         assert all(0.0 <= figures[name] <= 1.0 for name in ("junk", "mismatched", "wrong_attribute"))
     # the ranking is the score's, not the threshold's: the same ITM ranks the same under any threshold
     assert [keep_all[n] for n in ("junk", "mismatched")] == [keep_none[n] for n in ("junk", "mismatched")]
+
+
+def test_itm_negatives_bench_counts_drawn_negatives_that_describe_their_anchor(tmp_path: Path) -> None:
+    """benchmarks/itm_negatives.py: a drawn negative is false when the corpus's attribute check passes
+    it against the anchor (both directions); the run's models draw at each temperature asked for."""
+    import shutil
+
+    from support import load_benchmark, save_tiny_model
+
+    bench = load_benchmark("itm_negatives")
+    red, blue = '[{"color": "red", "shape": "square"}]', '[{"color": "blue", "shape": "circle"}]'
+    texts = ["a red square", "a drawing of a red square", "a blue circle"]
+    # image 0 drew text 1 and image 1 drew text 0 (both describe a red square: false); image 2 drew
+    # text 0 (true negative); the texts drew images 2, 2, 0 (a red square is not a blue circle: true)
+    assert bench.false_negative_share(texts, [red, red, blue], [2, 2, 0], [1, 0, 0]) == (2, 6)
+    assert bench.false_negative_share(texts, [red, red, blue], [1, 0, 0], [2, 2, 0]) == (2, 6)
+    assert bench.false_negative_share(texts, [red, blue, blue], [1, 2, 0], [2, 0, 0]) == (0, 6)
+
+    run = _run(tmp_path / "run")
+    for step in bench.MODELS:  # the fake training's models are not MEDs: put real (tiny) ones there
+        shutil.rmtree(run / step / "model", ignore_errors=True)
+        save_tiny_model(run / step / "model", seed=0)
+    results = bench.main([str(run), "--batches", "2", "--batch-size", "6", "--draws", "2", "--temps", "learned,0.05"])
+    assert set(results) == {(str(run), step) for step in bench.MODELS}
+    for shares in results.values():
+        assert shares["learned_temp"] > 0 and set(shares) == {"learned_temp", "learned", "0.05"}
+        assert all(0.0 <= shares[t] <= 1.0 for t in ("learned", "0.05"))
+    with pytest.raises(SystemExit):
+        bench.main([str(run), "--temps", "0"])
