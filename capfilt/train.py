@@ -22,6 +22,7 @@ Output directory layout (``output.dir``):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -45,6 +46,12 @@ KINDS: dict[str, tuple[str, ...]] = {
 }
 
 
+# MEDConfig fields that change how a model trains, not its shapes or weights: ``model.overrides`` may
+# set them on a loaded model (model.init, captioner/filter) too, e.g. a filter fine-tuned from a
+# Salesforce BLIP import with ITM's negatives drawn at a fixed temperature.
+TRAINING_FIELDS = ("itm_negative_temp", "alpha", "momentum", "label_smoothing")
+
+
 class ScratchModel(_Section):
     """A model built from scratch: a MEDConfig preset and a WordPiece tokenizer trained on the data.
 
@@ -56,7 +63,8 @@ class ScratchModel(_Section):
     vocab_size: int = Field(default=4000, ge=16, description="WordPiece vocabulary size for init: scratch.")
     overrides: dict[str, Any] = Field(
         default_factory=dict,
-        description="MEDConfig fields changed for init: scratch, e.g. {queue_size: 512}.",
+        description="MEDConfig fields changed for init: scratch, e.g. {queue_size: 512}; on a loaded "
+        "model only the training fields (" + ", ".join(TRAINING_FIELDS) + ").",
     )
 
 
@@ -252,7 +260,28 @@ def _build_model(cfg: TrainingConfig, sources: list[Source], resume_from: Path |
         raise UserError(f"{field}: {err}") from None
     if tokenizer is None:
         raise UserError(f"model.init: {m.init} has no tokenizer (save one with the checkpoint)")
+    if resume_from is None and m.overrides and (m.init != "scratch" or m.captioner or m.filter):
+        med.config = _override_loaded(med.config, m.overrides)
     return med, tokenizer
+
+
+def _override_loaded(config: MEDConfig, overrides: dict[str, Any]) -> MEDConfig:
+    """``model.overrides`` on a loaded model: TRAINING_FIELDS change, any other field must already
+    hold the loaded model's value (a config that built the model from scratch may be reused)."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise UserError(f"model.overrides: unknown MEDConfig field(s) {', '.join(unknown)}")
+    differ = sorted(k for k, v in overrides.items() if k not in TRAINING_FIELDS and getattr(config, k) != v)
+    if differ:
+        raise UserError(
+            f"model.overrides: {', '.join(differ)} differ from the loaded model's and cannot change it "
+            f"(model.init or captioner/filter); only {', '.join(TRAINING_FIELDS)} can"
+        )
+    try:
+        return config.replace(**{k: v for k, v in overrides.items() if k in TRAINING_FIELDS})
+    except ValueError as err:
+        raise UserError(f"model.overrides: {err}") from None
 
 
 def _steps_per_epoch(

@@ -632,3 +632,27 @@ def test_train_model_runs_on_step_before_every_step(tmp_path: Path, corpus: Path
     train_model("pretrain", cfg, on_step=seen.append)
     assert [r["step"] for r in read_metrics(tmp_path / "out")] == [1, 2, 3, 4]
     assert len(seen) == 4 and seen == sorted(seen)
+
+
+def test_training_fields_of_model_overrides_apply_to_a_loaded_model(tmp_path: Path, corpus: Path) -> None:
+    """model.overrides on model.init: itm_negative_temp (a training field) reaches the fine-tune and its
+    checkpoint; the scratch config's shape fields may stay when they match, and may not change it."""
+    from capfilt.errors import UserError
+    from capfilt.train import run_training
+    from model.med import MED
+
+    base = run_training("pretrain", write_config(tmp_path / "p.yaml", corpus, tmp_path / "pre"))
+    init = f"model.init={base / 'model'}"
+    config = write_config(tmp_path / "f.yaml", corpus, tmp_path / "filter")
+    overrides = MICRO_MED.rstrip("}") + ", itm_negative_temp: 0.05}"
+    out = run_training("filter", config, [init, f"model.overrides={overrides}"])
+    med, _ = MED.load(out / "model")
+    assert med.config.itm_negative_temp == 0.05
+    assert MED.load(base / "model")[0].config.itm_negative_temp is None
+    for bad, message in (
+        ("{text_layers: 5}", "text_layers differ from the loaded model's"),
+        ("{itm_negative_temp: 0}", "itm_negative_temp must be > 0"),
+        ("{no_such_field: 1}", "unknown MEDConfig field"),
+    ):
+        with pytest.raises(UserError, match=message):
+            run_training("filter", config, [init, f"model.overrides={bad}", f"output.dir={tmp_path / 'bad'}"])
