@@ -36,7 +36,7 @@ from capfilt.config import _Section, dump, load_model
 from capfilt.errors import UserError
 from model.data import AugmentConfig, DataConfig, Source, SourceSpec, build_loader, load_source
 from model.losses import alpha_ramp
-from model.med import MED, MEDConfig
+from model.med import MED, TRAINING_FIELDS, MEDConfig
 from model.train import TrainConfig, Trainer, list_checkpoints
 
 KINDS: dict[str, tuple[str, ...]] = {
@@ -44,12 +44,6 @@ KINDS: dict[str, tuple[str, ...]] = {
     "captioner": ("lm",),
     "filter": ("itc", "itm"),
 }
-
-
-# MEDConfig fields that change how a model trains, not its shapes or weights: ``model.overrides`` may
-# set them on a loaded model (model.init, captioner/filter) too, e.g. a filter fine-tuned from a
-# Salesforce BLIP import with ITM's negatives drawn at a fixed temperature.
-TRAINING_FIELDS = ("itm_negative_temp", "alpha", "momentum", "label_smoothing")
 
 
 class ScratchModel(_Section):
@@ -268,20 +262,20 @@ def _build_model(cfg: TrainingConfig, sources: list[Source], resume_from: Path |
 def _override_loaded(config: MEDConfig, overrides: dict[str, Any]) -> MEDConfig:
     """``model.overrides`` on a loaded model: TRAINING_FIELDS change, any other field must already
     hold the loaded model's value (a config that built the model from scratch may be reused)."""
-    fields = {f.name for f in dataclasses.fields(config)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise UserError(f"model.overrides: unknown MEDConfig field(s) {', '.join(unknown)}")
-    differ = sorted(k for k, v in overrides.items() if k not in TRAINING_FIELDS and getattr(config, k) != v)
+    try:
+        changed = config.replace(**overrides)
+    except (TypeError, ValueError) as err:  # an unknown field, an invalid value
+        raise UserError(f"model.overrides: {err}") from None
+    differ = sorted(
+        f.name for f in dataclasses.fields(config)
+        if f.name not in TRAINING_FIELDS and getattr(changed, f.name) != getattr(config, f.name)
+    )  # fmt: skip
     if differ:
         raise UserError(
             f"model.overrides: {', '.join(differ)} differ from the loaded model's and cannot change it "
             f"(model.init or captioner/filter); only {', '.join(TRAINING_FIELDS)} can"
         )
-    try:
-        return config.replace(**{k: v for k, v in overrides.items() if k in TRAINING_FIELDS})
-    except ValueError as err:
-        raise UserError(f"model.overrides: {err}") from None
+    return changed
 
 
 def _steps_per_epoch(

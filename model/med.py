@@ -53,6 +53,11 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 # --------------------------------------------------------------------------------------------
 
 
+# MEDConfig fields that change how a model trains, not its shapes or weights: they may change on a
+# loaded model (capfilt train's model.overrides with model.init); the others may not.
+TRAINING_FIELDS = ("itm_negative_temp", "alpha", "momentum", "label_smoothing")
+
+
 @dataclass(frozen=True, kw_only=True)
 class MEDConfig:
     """Everything that fixes the MED's shapes and its pre-training behaviour."""
