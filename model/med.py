@@ -183,6 +183,42 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
+@dataclass
+class PaddedRows:
+    """Where the real tokens of a padded (B, L) text batch sit, so that per-token work skips padding.
+
+    The text layers run their projections, FFN and LayerNorms on the real tokens only, packed
+    as (T, D); attention, which needs the (B, L) layout, unpacks its queries, keys and values
+    (zeros at padding) and packs its output again. This is exact: a padded token is masked
+    out as a key and nothing reads its output (ITC and ITM read [CLS], the LM loss skips
+    padding), so only the hidden states at padding change (zeros instead of unused values).
+    The demo's pre-training batches pad to ~1.7 times their real tokens; per step it saves
+    what ``benchmarks/unpad_text.py`` prints.
+    """
+
+    index: Tensor  # (T,) flat positions b * L + l of the real tokens
+    batch: int
+    length: int
+
+    @classmethod
+    def of(cls, attention_mask: Tensor) -> PaddedRows | None:
+        """The real tokens of ``attention_mask`` (B, L); None when nothing is padding."""
+        keep = attention_mask.reshape(-1).bool()
+        if bool(keep.all()):
+            return None
+        batch, length = attention_mask.shape
+        return cls(index=keep.nonzero().squeeze(1), batch=batch, length=length)
+
+    def pack(self, x: Tensor) -> Tensor:
+        """(B, L, D) -> (T, D): the real tokens only."""
+        return x.reshape(self.batch * self.length, -1).index_select(0, self.index)
+
+    def unpack(self, x: Tensor) -> Tensor:
+        """(T, D) -> (B, L, D), zeros at padding."""
+        out = x.new_zeros(self.batch * self.length, x.shape[-1])
+        return out.index_copy(0, self.index, x).view(self.batch, self.length, -1)
+
+
 def _additive_mask(keep: Tensor, dtype: torch.dtype) -> Tensor:
     """Boolean "may attend" (B, 1, Lq, Lk) -> additive float mask (0 or the dtype's minimum)."""
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
@@ -331,7 +367,10 @@ class ImageContext:
     query is independent), and it replaces the K projections and K copies of an image's keys
     and values that repeating the image embeddings per row would cost (K captions while
     decoding, K + 1 texts in ITM). ``packed``: the rows are exactly image-major full groups
-    (row r = image r // group), so no scatter/gather is needed.
+    (row r = image r // group), so no scatter/gather is needed. ``per_row``: the groups are
+    uneven (training's ITM: an image is the hard negative of any number of texts), where slots
+    would pad every image to the largest group; each row then gets a copy of its image's keys
+    and values instead (still no projection repeated).
     """
 
     kv: list[tuple[Tensor, Tensor]]
@@ -339,6 +378,7 @@ class ImageContext:
     row_slot: Tensor
     group: int
     packed: bool
+    per_row: bool = False
 
     @property
     def num_images(self) -> int:
@@ -358,9 +398,16 @@ class ImageContext:
             kv = [(k.index_select(0, used), v.index_select(0, used)) for k, v in kv]
         return ImageContext(kv=kv, row_image=row_image, row_slot=row_slot, group=self.group, packed=False)
 
+    def one_row_per_image(self) -> ImageContext:
+        """The same keys and values, read by one row per image in image order."""
+        row_image = torch.arange(self.num_images, device=self.row_image.device)
+        return ImageContext(kv=self.kv, row_image=row_image, row_slot=torch.zeros_like(row_image), group=1, packed=True)
+
     def attend(self, q: Tensor, layer: int) -> Tensor:
         """Cross-attention of queries (R, H, L, d) to their rows' images -> (R, H, L, d)."""
         k, v = self.kv[layer]
+        if self.per_row:
+            return F.scaled_dot_product_attention(q, k[self.row_image], v[self.row_image])
         rows, heads, length, dim = q.shape
         images, group = k.shape[0], self.group
         if self.packed:
@@ -463,19 +510,29 @@ class TextAttention(nn.Module):
         cache: KVCache | None = None,
         image: ImageContext | None = None,
         layer: int = 0,
+        rows: PaddedRows | None = None,
     ) -> Tensor:
         """Self-attention (keys from ``x``, optionally cached), or cross-attention to ``context``
-        (image embeddings, one per row) or to ``image`` (keys/values computed once per image)."""
+        (image embeddings, one per row) or to ``image`` (keys/values computed once per image).
+        With ``rows`` the text ``x`` is packed (T, D) (see :class:`PaddedRows`)."""
         attention = self.self
-        q = _split_heads(attention.query(x), attention.heads)
+
+        def heads(t: Tensor) -> Tensor:
+            return _split_heads(t if rows is None else rows.unpack(t), attention.heads)
+
+        q = heads(attention.query(x))
         if image is not None:
             attended = image.attend(q, layer)
         else:
-            k, v = attention.kv(x if context is None else context)
-            if context is None and cache is not None:
-                k, v = cache.append(k, v)
+            if context is None:
+                k, v = heads(attention.key(x)), heads(attention.value(x))
+                if cache is not None:
+                    k, v = cache.append(k, v)
+            else:
+                k, v = attention.kv(context)
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.output(_merge_heads(attended), x)
+        merged = _merge_heads(attended)
+        return self.output(merged if rows is None else rows.pack(merged), x)
 
 
 class TextIntermediate(nn.Module):
@@ -515,13 +572,14 @@ class TextLayer(nn.Module):
         cache: KVCache | None = None,
         image: ImageContext | None = None,
         layer: int = 0,
+        rows: PaddedRows | None = None,
     ) -> Tensor:
-        x = self.attention(x, mask, cache=cache)
+        x = self.attention(x, mask, cache=cache, rows=rows)
         if image is not None:
-            x = self.crossattention(x, None, image=image, layer=layer)
+            x = self.crossattention(x, None, image=image, layer=layer, rows=rows)
         elif image_embeds is not None:
             # All image tokens are valid, so cross-attention needs no mask.
-            x = self.crossattention(x, None, context=image_embeds)
+            x = self.crossattention(x, None, context=image_embeds, rows=rows)
         return self.output(self.intermediate(x), x)
 
 
@@ -540,6 +598,10 @@ class TextModel(nn.Module):
     ``shared`` builds the decoder's BERT: same embeddings, cross-attention and FFN objects as
     the encoder, own self-attention.
     """
+
+    skip_padding = True
+    """Run the per-token work on real tokens only (:class:`PaddedRows`); False: on the padded batch
+    (the same results at every real token; ``benchmarks/unpad_text.py`` compares the two)."""
 
     def __init__(self, *, config: MEDConfig, shared: TextModel | None = None) -> None:
         super().__init__()
@@ -578,6 +640,12 @@ class TextModel(nn.Module):
             causal_keep = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, Lq, Lk)
             keep = causal_keep if keep is None else keep & causal_keep
         mask = _additive_mask(keep, x.dtype) if keep is not None else None
+        # Padding is skipped by the per-token work (exact, see PaddedRows); a cached sequence
+        # (generation) is never padded.
+        use_rows = self.skip_padding and attention_mask is not None and cache is None
+        rows = PaddedRows.of(attention_mask) if use_rows else None
+        if rows is not None:
+            x = rows.pack(x)
         for i, layer in enumerate(self.encoder.layer):
             x = layer(
                 x,
@@ -586,8 +654,9 @@ class TextModel(nn.Module):
                 cache=cache[i] if cache is not None else None,
                 image=image,
                 layer=i,
+                rows=rows,
             )
-        return x
+        return x if rows is None else rows.unpack(x)
 
 
 class LMPredictionHeadTransform(nn.Module):
@@ -860,7 +929,8 @@ class MED(nn.Module):
             row_image = row_image.to(device=image_embeds.device, dtype=torch.long)
             slot, group, packed = image_row_slots(row_image, images)
         kv = [layer.crossattention.self.kv(image_embeds) for layer in self.text_encoder.encoder.layer]
-        return ImageContext(kv=kv, row_image=row_image, row_slot=slot, group=group, packed=packed)
+        per_row = not packed and images * group > row_image.numel()  # uneven groups
+        return ImageContext(kv=kv, row_image=row_image, row_slot=slot, group=group, packed=packed, per_row=per_row)
 
     def itm_logits(
         self,
@@ -884,9 +954,12 @@ class MED(nn.Module):
             hidden = self.text_encoder(input_ids, attention_mask, image_embeds=image_embeds)
         return self.itm_head(hidden[:, 0])
 
-    def decoder_logits(self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Image-grounded decoder: (B, L, V) next-token logits; ``input_ids`` start with [DEC]."""
-        return self.text_decoder(input_ids, attention_mask, image_embeds)
+    def decoder_logits(
+        self, image_embeds: Tensor | None, input_ids: Tensor, attention_mask: Tensor, *, image: ImageContext | None = None
+    ) -> Tensor:
+        """Image-grounded decoder: (B, L, V) next-token logits; ``input_ids`` start with [DEC].
+        The image as in :meth:`itm_logits`."""
+        return self.text_decoder(input_ids, attention_mask, None if image is not None else image_embeds, image=image)
 
     # ---- momentum encoders and queues -------------------------------------------------------
 
@@ -1020,18 +1093,27 @@ class MED(nn.Module):
                     itm_ids, itm_mask = _pad_to_longest_rank(input_ids, attention_mask, self.config.pad_token_id)
             # [positives; (negative image, text j); (image i, negative text)] in one pass. A negative
             # image from another rank carries its gradient back there (_AllGatherWithGrad).
-            all_images = image_embeds if world == 1 else _AllGatherWithGrad.apply(image_embeds)
             all_ids, all_mask = _all_gather(itm_ids), _all_gather(itm_mask)
-            images = torch.cat([image_embeds, all_images[neg_image], image_embeds])
             ids = torch.cat([itm_ids, itm_ids, all_ids[neg_text]])
             masks = torch.cat([itm_mask, itm_mask, all_mask[neg_text]])
-            out["loss_itm"] = L.itm_loss(self.itm_logits(images, ids, masks))
+            if world == 1:  # the batch's own images: their cross-attention keys/values once
+                own = torch.arange(rows, device=neg_image.device)
+                context = self.image_context(image_embeds, torch.cat([own, neg_image, own]))
+                logits = self.itm_logits(None, ids, masks, image=context)
+            else:
+                all_images = _AllGatherWithGrad.apply(image_embeds)
+                images = torch.cat([image_embeds, all_images[neg_image], image_embeds])
+                logits = self.itm_logits(images, ids, masks)
+            out["loss_itm"] = L.itm_loss(logits)
 
         if "lm" in losses:
             decoder_ids = input_ids.clone()
             decoder_ids[:, 0] = self.config.bos_token_id
             labels = L.lm_labels(decoder_ids, self.config.pad_token_id, prompt_length)
-            logits = self.decoder_logits(image_embeds, decoder_ids, attention_mask)
+            if "itm" in losses and world == 1:  # ITM's keys/values of the same images, no second projection
+                logits = self.decoder_logits(None, decoder_ids, attention_mask, image=context.one_row_per_image())
+            else:
+                logits = self.decoder_logits(image_embeds, decoder_ids, attention_mask)
             out["loss_lm"] = L.lm_loss(logits, labels, label_smoothing=self.config.label_smoothing)
         return out
 

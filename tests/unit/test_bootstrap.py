@@ -978,3 +978,34 @@ def test_itm_negatives_bench_counts_drawn_negatives_that_describe_their_anchor(t
         assert all(0.0 <= shares[t] <= 1.0 for t in ("learned", "0.05"))
     with pytest.raises(SystemExit):
         bench.main([str(run), "--temps", "0"])
+
+
+def test_unpad_text_bench_reruns_a_runs_trainings_both_ways(tmp_path: Path) -> None:
+    """benchmarks/unpad_text.py: a step config's paths (recorded under the bootstrap's output.dir, in
+    a step's .partial directory) are found under the run; its trainings run with the text layers on
+    real tokens only and on the padded batch, with the same first losses for a fine-tune."""
+    import shutil
+
+    from support import load_benchmark, save_tiny_model
+
+    bench = load_benchmark("unpad_text")
+    run = tmp_path / "moved"
+    assert bench.localise("runs/b/round-0/.pretrain.partial/data/pairs.parquet", "runs/b", run) == str(
+        run / "round-0" / "pretrain" / "data" / "pairs.parquet"
+    )
+    assert bench.localise("runs/b/corpus/human.parquet", "runs/b/", run) == str(run / "corpus" / "human.parquet")
+    assert bench.localise("/elsewhere/model", "runs/b", run) == "/elsewhere/model"
+
+    run = _run(tmp_path / "run")
+    shutil.rmtree(run / "round-0" / "pretrain" / "model")  # the fake MED_0 is not a MED
+    save_tiny_model(run / "round-0" / "pretrain" / "model", seed=0)
+    rows = bench.main([str(run), "--steps", "8", "--repeats", "1", "--threads", "1", "--only", "round-1/filter"])
+    assert [row["step"] for row in rows] == ["round-1/filter"]
+    (row,) = rows
+    assert 0.0 < row["real_share"] < 1.0  # captions of unequal length: some padding to skip
+    assert row["padded_s"] > 0 and row["skipping_s"] > 0
+    assert set(row["losses_padded"]) == {"loss", "loss_itc", "loss_itm"}
+    for name, value in row["losses_padded"].items():
+        assert row["losses_skipping"][name] == pytest.approx(value, rel=1e-4)
+    with pytest.raises(SystemExit):
+        bench.main([str(run), "--steps", "3"])

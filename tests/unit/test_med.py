@@ -385,3 +385,72 @@ def test_itm_hard_negatives_are_drawn_at_the_configured_temperature(monkeypatch,
     assert float(med.temp) == pytest.approx(0.001)
     with pytest.raises(ValueError, match="itm_negative_temp must be > 0"):
         MEDConfig.preset("tiny").replace(itm_negative_temp=0.0)
+
+
+def test_text_layers_skip_padding_with_the_same_losses_gradients_and_outputs(monkeypatch) -> None:
+    """TextModel.skip_padding runs the text layers' per-token work on the real tokens only
+    (PaddedRows): every loss, every gradient and every output at a real token equal the padded
+    computation's, and the FFN really sees only the real tokens."""
+    from model.med import TextModel
+
+    med = small_med().train()
+    pixels, ids, mask, image_ids = _global_batch()
+    monkeypatch.setattr(torch, "multinomial", _first_choice)  # the same ITM negatives both ways
+    results = {}
+    for skip in (False, True):
+        monkeypatch.setattr(TextModel, "skip_padding", skip)
+        state = {k: v.clone() for k, v in med.state_dict().items()}
+        med.zero_grad()
+        out = med(pixels, ids, mask, image_ids=image_ids, alpha=0.4)
+        sum(out.values()).backward()
+        grads = {n: p.grad.clone() for n, p in med.named_parameters() if p.grad is not None}
+        med.load_state_dict(state)  # the forward moved the momentum encoders and queues
+        with torch.no_grad():
+            embeds = med.encode_image(pixels)
+            outputs = (
+                med.encode_text(ids, mask)[mask.bool()],
+                med.itm_logits(embeds, ids, mask),
+                med.itm_logits(None, ids, mask, image=med.image_context(embeds)),
+                med.decoder_logits(embeds, ids, mask)[mask.bool()],
+            )
+        results[skip] = (out, grads, outputs)
+    (out_p, grads_p, outputs_p), (out_s, grads_s, outputs_s) = results[False], results[True]
+    assert set(out_p) == {"loss_itc", "loss_itm", "loss_lm"}
+    for name in out_p:
+        torch.testing.assert_close(out_s[name], out_p[name])
+    assert set(grads_s) == set(grads_p) and len(grads_p) > 50
+    for name in grads_p:
+        torch.testing.assert_close(grads_s[name], grads_p[name], atol=1e-5, rtol=1e-4, msg=name)
+    for ours, padded in zip(outputs_s, outputs_p, strict=True):
+        torch.testing.assert_close(ours, padded, atol=1e-5, rtol=1e-4)
+
+    seen = []
+    ffn = med.text_encoder.encoder.layer[0].intermediate.dense
+    handle = ffn.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[:-1]))
+    with torch.no_grad():
+        med.encode_text(ids, mask)
+        med.encode_text(ids, torch.ones_like(mask))  # nothing to skip: the padded layout as it is
+    handle.remove()
+    assert seen == [(int(mask.sum()),), tuple(ids.shape)]
+
+
+def test_uneven_rows_read_their_images_keys_and_values_per_row() -> None:
+    """Training's ITM rows (an image is the hard negative of any number of texts) read one copy of
+    the image's cross-attention keys/values each; the result equals the image repeated per row, and
+    the decoder reading the same context equals the decoder given the images."""
+    med = small_med().eval()
+    pixels, ids, mask, _ = _global_batch()
+    row_image = torch.tensor([0, 0, 0, 0, 1, 2, 3, 3])  # image 0 read by four rows, 4-7 by none
+    with torch.no_grad():
+        embeds = med.encode_image(pixels)
+        context = med.image_context(embeds, row_image)
+        assert context.per_row and not context.packed
+        torch.testing.assert_close(
+            med.itm_logits(None, ids, mask, image=context), med.itm_logits(embeds[row_image], ids, mask)
+        )
+        torch.testing.assert_close(
+            med.decoder_logits(None, ids, mask, image=context.one_row_per_image())[mask.bool()],
+            med.decoder_logits(embeds, ids, mask)[mask.bool()],
+        )
+        even = med.image_context(embeds, torch.arange(8).flip(0))  # one row each, out of order
+        assert not even.per_row

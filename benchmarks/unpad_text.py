@@ -1,0 +1,165 @@
+"""Text layers on real tokens only vs on the padded batch: seconds per training step, side by side.
+
+The text transformer's per-token work (projections, FFN, LayerNorms) skips padding by default
+(:class:`model.med.PaddedRows`; ``TextModel.skip_padding``); attention still sees the (B, L)
+layout. This script re-runs the trainings of a finished bootstrap run (each step's own
+``bootstrap-train.yaml``: MED_0's pre-training, the captioner, the filter, MED_1) for ``--steps``
+steps with the switch on and off, alternating, ``--repeats`` times each, in this process with
+``--threads`` threads (the bootstrap gives a training alone both cores), and prints:
+
+- the share of the text encoder's and decoder's token slots that are real tokens (the rest is padding);
+- seconds per step, median over repeats, of steps 5..N (the first steps warm up), both ways;
+- the first logged losses both ways: the same up to float rounding for the fine-tunes and for a
+  pre-training of a saved tokenizer; a pre-training from scratch (MED_0) differs between any two
+  runs in the third decimal, either way (it is not seeded bit for bit: ``deterministic: false``).
+
+    python benchmarks/unpad_text.py runs/bootstrap --steps 40 --repeats 2
+
+Nothing of the run is changed: the trainings write into a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+TRAININGS = (("pretrain", "round-0/pretrain"), ("captioner", "round-1/captioner"),
+             ("filter", "round-1/filter"), ("pretrain", "round-1/pretrain"))  # fmt: skip
+WARMUP = 5
+
+
+def localise(value: str, recorded: str, run: Path) -> str:
+    """A path the run's step config recorded (under the bootstrap's ``output.dir``, ``recorded``,
+    possibly in a step's ``.NAME.partial`` directory before it was renamed) -> the same file under
+    ``run``. Other values are returned unchanged."""
+    prefix = recorded.rstrip("/") + "/"
+    if not value.startswith(prefix):
+        return value
+    parts = [p[1:-len(".partial")] if p.startswith(".") and p.endswith(".partial") else p
+             for p in Path(value[len(prefix):]).parts]  # fmt: skip
+    return str(run.joinpath(*parts))
+
+
+def step_config(run: Path, step: str, out: Path, steps: int) -> Any:
+    """The step's training config with its paths under ``run``, ``steps`` steps, written to ``out``."""
+    import yaml
+
+    from capfilt.train import TrainingConfig
+
+    recorded = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["output"]["dir"]
+    data = yaml.safe_load((run / step / "bootstrap-train.yaml").read_text(encoding="utf-8"))
+    if isinstance(data["model"].get("init"), str):
+        data["model"]["init"] = localise(data["model"]["init"], recorded, run)
+    for source in data["data"]["sources"]:
+        source["path"] = localise(source["path"], recorded, run)
+    data["output"]["dir"] = str(out)
+    data["train"].update(steps=steps, save_every=10 * steps, log_every=1, progress=False)
+    return TrainingConfig.model_validate(data)
+
+
+class TokenCount:
+    """Real and padded token slots of every text-transformer call (wraps ``TextModel.forward``)."""
+
+    def __init__(self) -> None:
+        from model.med import TextModel
+
+        self.real = self.slots = 0
+        self.original = TextModel.forward
+
+        def counted(module: Any, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
+            if attention_mask is not None and kwargs.get("cache") is None:
+                self.real += int(attention_mask.sum())
+                self.slots += attention_mask.numel()
+            return self.original(module, input_ids, attention_mask, **kwargs)
+
+        TextModel.forward = counted  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        from model.med import TextModel
+
+        TextModel.forward = self.original  # type: ignore[method-assign]
+
+
+def time_training(kind: str, cfg: Any, skip_padding: bool) -> tuple[float, dict[str, float]]:
+    """Median seconds per step after the warm-up, and the first logged losses."""
+    from capfilt.train import train_model
+    from model.med import TextModel
+
+    stamps: list[float] = []
+    TextModel.skip_padding = skip_padding
+    try:
+        train_model(kind, cfg, on_step=lambda step: stamps.append(time.perf_counter()))
+    finally:
+        TextModel.skip_padding = True
+    per_step = [b - a for a, b in itertools.pairwise(stamps[WARMUP:])]
+    first = json.loads((Path(cfg.output.dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    return statistics.median(per_step), {k: v for k, v in first.items() if k.startswith("loss")}
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Prints the table; returns one row per training: step, real-token share, both timings, first losses."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="A finished `capfilt bootstrap` run directory.")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default=None, help="Comma-separated steps, e.g. round-0/pretrain.")
+    args = parser.parse_args(argv)
+    if args.steps <= WARMUP + 1:
+        parser.error(f"--steps: more than {WARMUP + 1}")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    wanted = None if args.only is None else set(args.only.split(","))
+    counter = TokenCount()
+    rows: list[dict[str, Any]] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for kind, step in TRAININGS:
+                if (wanted is not None and step not in wanted) or not (args.run / step / "bootstrap-train.yaml").is_file():
+                    continue
+                times: dict[bool, list[float]] = {True: [], False: []}
+                losses: dict[bool, dict[str, float]] = {}
+                counter.real = counter.slots = 0
+                for repeat in range(args.repeats):
+                    for skip in (False, True):
+                        out = Path(tmp) / f"{step.replace('/', '-')}-{skip}-{repeat}"
+                        cfg = step_config(args.run, step, out, args.steps)
+                        seconds, losses[skip] = time_training(kind, cfg, skip)
+                        times[skip].append(seconds)
+                        print(f"{step} skip_padding={skip} repeat {repeat}: {seconds:.3f} s/step", flush=True)
+                rows.append({
+                    "step": step, "real_share": counter.real / max(counter.slots, 1),
+                    "padded_s": statistics.median(times[False]), "skipping_s": statistics.median(times[True]),
+                    "losses_padded": losses[False], "losses_skipping": losses[True],
+                })  # fmt: skip
+    finally:
+        counter.remove()
+    print(f"\n{'training':<20} {'real tokens':>11} {'padded s/step':>14} {'skipping s/step':>16} {'saved':>7}")
+    for row in rows:
+        saved = 1 - row["skipping_s"] / row["padded_s"]
+        print(f"{row['step']:<20} {row['real_share']:>10.0%} {row['padded_s']:>14.3f} {row['skipping_s']:>16.3f} "
+              f"{saved:>7.1%}")  # fmt: skip
+    print(f"({args.steps} steps, median of steps {WARMUP}..{args.steps} and of {args.repeats} repeats, "
+          f"{args.threads} threads)")  # fmt: skip
+    for row in rows:
+        print(f"{row['step']} first losses: padded {row['losses_padded']} | skipping {row['losses_skipping']}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
