@@ -420,6 +420,18 @@ def test_real_med_captioner_loss_falls(tmp_path: Path, corpus: Path) -> None:
 # ---- training in a child process (capfilt bootstrap's concurrent groups) -----------------------
 
 
+def _key_bias_entries(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Which entries of ``tensor`` are attention key biases: the middle third of a ViT layer's
+    fused ``qkv.bias``, all of a text attention's ``key.bias``; none elsewhere."""
+    keys = torch.zeros_like(tensor, dtype=torch.bool)
+    if name.endswith("self_attn.qkv.bias"):
+        third = tensor.shape[0] // 3
+        keys[third : 2 * third] = True
+    elif name.endswith("self.key.bias"):
+        keys[:] = True
+    return keys
+
+
 def test_isolated_training_equals_in_process_and_reports_errors_as_here(tmp_path: Path, corpus: Path) -> None:
     """``train_isolated`` trains in a spawned process with its own RNG and thread count: the same
     weights as the same config trained here (up to float summation order), a UserError in the
@@ -436,7 +448,14 @@ def test_isolated_training_equals_in_process_and_reports_errors_as_here(tmp_path
     b = load_file(str(tmp_path / "child" / "model" / "model.safetensors"))
     assert set(a) == set(b)
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5, msg=name)
+        same, noise = a[name].clone(), b[name].clone()
+        # Attention's key biases get no gradient in exact arithmetic (a softmax does not change when
+        # every score of a query moves by q . bias), so Adam moves them by ~lr per step in the sign of
+        # rounding noise, which differs between thread counts: they are held to 4 steps x lr (0.001).
+        keys = _key_bias_entries(name, a[name])
+        assert torch.all((a[name][keys] - b[name][keys]).abs() <= 4e-3), name
+        same[keys], noise[keys] = 0.0, 0.0
+        torch.testing.assert_close(same, noise, rtol=0, atol=1e-5, msg=name)
     assert [r["step"] for r in read_metrics(tmp_path / "child")] == [1, 2, 3, 4]
 
     with pytest.raises(UserError, match="already holds checkpoints"):
