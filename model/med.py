@@ -193,7 +193,7 @@ class PaddedRows:
     out as a key and nothing reads its output (ITC and ITM read [CLS], the LM loss skips
     padding), so only the hidden states at padding change (zeros instead of unused values).
     The demo's pre-training batches pad to ~1.7 times their real tokens; per step it saves
-    what ``benchmarks/unpad_text.py`` prints.
+    what ``benchmarks/train_speed.py`` prints.
     """
 
     index: Tensor  # (T,) flat positions b * L + l of the real tokens
@@ -601,7 +601,7 @@ class TextModel(nn.Module):
 
     skip_padding = True
     """Run the per-token work on real tokens only (:class:`PaddedRows`); False: on the padded batch
-    (the same results at every real token; ``benchmarks/unpad_text.py`` compares the two)."""
+    (the same results at every real token; ``benchmarks/train_speed.py`` compares the two)."""
 
     def __init__(self, *, config: MEDConfig, shared: TextModel | None = None) -> None:
         super().__init__()
@@ -867,6 +867,11 @@ def _init_weights(module: nn.Module, std: float = 0.02) -> None:
 class MED(nn.Module):
     """BLIP's multimodal mixture of encoder-decoder with its pre-training state."""
 
+    share_image_context = True
+    """On one process, training's ITM and LM read one :meth:`image_context` of the batch's images
+    (each text layer projects their cross-attention keys/values once per step); False: once per ITM
+    row and again for the decoder, as before (``benchmarks/train_speed.py`` compares the two)."""
+
     def __init__(self, config: MEDConfig) -> None:
         super().__init__()
         self.config = config
@@ -1096,12 +1101,13 @@ class MED(nn.Module):
             all_ids, all_mask = _all_gather(itm_ids), _all_gather(itm_mask)
             ids = torch.cat([itm_ids, itm_ids, all_ids[neg_text]])
             masks = torch.cat([itm_mask, itm_mask, all_mask[neg_text]])
-            if world == 1:  # the batch's own images: their cross-attention keys/values once
+            shared = world == 1 and self.share_image_context
+            if shared:  # the batch's own images: their cross-attention keys/values once
                 own = torch.arange(rows, device=neg_image.device)
                 context = self.image_context(image_embeds, torch.cat([own, neg_image, own]))
                 logits = self.itm_logits(None, ids, masks, image=context)
             else:
-                all_images = _AllGatherWithGrad.apply(image_embeds)
+                all_images = image_embeds if world == 1 else _AllGatherWithGrad.apply(image_embeds)
                 images = torch.cat([image_embeds, all_images[neg_image], image_embeds])
                 logits = self.itm_logits(images, ids, masks)
             out["loss_itm"] = L.itm_loss(logits)
@@ -1110,7 +1116,7 @@ class MED(nn.Module):
             decoder_ids = input_ids.clone()
             decoder_ids[:, 0] = self.config.bos_token_id
             labels = L.lm_labels(decoder_ids, self.config.pad_token_id, prompt_length)
-            if "itm" in losses and world == 1:  # ITM's keys/values of the same images, no second projection
+            if "itm" in losses and shared:  # ITM's keys/values of the same images, no second projection
                 logits = self.decoder_logits(None, decoder_ids, attention_mask, image=context.one_row_per_image())
             else:
                 logits = self.decoder_logits(image_embeds, decoder_ids, attention_mask)

@@ -980,15 +980,18 @@ def test_itm_negatives_bench_counts_drawn_negatives_that_describe_their_anchor(t
         bench.main([str(run), "--temps", "0"])
 
 
-def test_unpad_text_bench_reruns_a_runs_trainings_both_ways(tmp_path: Path) -> None:
-    """benchmarks/unpad_text.py: a step config's paths (recorded under the bootstrap's output.dir, in
-    a step's .partial directory) are found under the run; its trainings run with the text layers on
-    real tokens only and on the padded batch, with the same first losses for a fine-tune."""
+def test_train_speed_bench_reruns_a_runs_trainings_before_and_now(tmp_path: Path) -> None:
+    """benchmarks/train_speed.py: a step config's paths (recorded under the bootstrap's output.dir, in
+    a step's .partial directory) are found under the run; its trainings run with the speed-ups off
+    and on, with the same first losses for a fine-tune, and every switch is on again afterwards."""
     import shutil
 
     from support import load_benchmark, save_tiny_model
 
-    bench = load_benchmark("unpad_text")
+    from model.med import MED, TextModel
+    from model.train import Trainer
+
+    bench = load_benchmark("train_speed")
     run = tmp_path / "moved"
     assert bench.localise("runs/b/round-0/.pretrain.partial/data/pairs.parquet", "runs/b", run) == str(
         run / "round-0" / "pretrain" / "data" / "pairs.parquet"
@@ -1003,9 +1006,10 @@ def test_unpad_text_bench_reruns_a_runs_trainings_both_ways(tmp_path: Path) -> N
     assert [row["step"] for row in rows] == ["round-1/filter"]
     (row,) = rows
     assert 0.0 < row["real_share"] < 1.0  # captions of unequal length: some padding to skip
-    assert row["padded_s"] > 0 and row["skipping_s"] > 0
-    assert set(row["losses_padded"]) == {"loss", "loss_itc", "loss_itm"}
-    for name, value in row["losses_padded"].items():
-        assert row["losses_skipping"][name] == pytest.approx(value, rel=1e-4)
+    assert row["before_s"] > 0 and row["now_s"] > 0
+    assert set(row["losses_before"]) == {"loss", "loss_itc", "loss_itm"}
+    for name, value in row["losses_before"].items():
+        assert row["losses_now"][name] == pytest.approx(value, rel=1e-4)
+    assert TextModel.skip_padding and MED.share_image_context and Trainer.fused_optimizer
     with pytest.raises(SystemExit):
         bench.main([str(run), "--steps", "3"])

@@ -389,16 +389,18 @@ def test_itm_hard_negatives_are_drawn_at_the_configured_temperature(monkeypatch,
 
 def test_text_layers_skip_padding_with_the_same_losses_gradients_and_outputs(monkeypatch) -> None:
     """TextModel.skip_padding runs the text layers' per-token work on the real tokens only
-    (PaddedRows): every loss, every gradient and every output at a real token equal the padded
-    computation's, and the FFN really sees only the real tokens."""
+    (PaddedRows), MED.share_image_context gives training's ITM and LM one image context: with
+    either or both, every loss, every gradient and every output at a real token equal the padded,
+    per-row computation's, and the FFN really sees only the real tokens."""
     from model.med import TextModel
 
     med = small_med().train()
     pixels, ids, mask, image_ids = _global_batch()
-    monkeypatch.setattr(torch, "multinomial", _first_choice)  # the same ITM negatives both ways
+    monkeypatch.setattr(torch, "multinomial", _first_choice)  # the same ITM negatives every way
     results = {}
-    for skip in (False, True):
+    for skip, share in ((False, False), (True, False), (False, True), (True, True)):
         monkeypatch.setattr(TextModel, "skip_padding", skip)
+        monkeypatch.setattr(MED, "share_image_context", share)
         state = {k: v.clone() for k, v in med.state_dict().items()}
         med.zero_grad()
         out = med(pixels, ids, mask, image_ids=image_ids, alpha=0.4)
@@ -413,16 +415,18 @@ def test_text_layers_skip_padding_with_the_same_losses_gradients_and_outputs(mon
                 med.itm_logits(None, ids, mask, image=med.image_context(embeds)),
                 med.decoder_logits(embeds, ids, mask)[mask.bool()],
             )
-        results[skip] = (out, grads, outputs)
-    (out_p, grads_p, outputs_p), (out_s, grads_s, outputs_s) = results[False], results[True]
+        results[skip, share] = (out, grads, outputs)
+    out_p, grads_p, outputs_p = results.pop((False, False))
     assert set(out_p) == {"loss_itc", "loss_itm", "loss_lm"}
-    for name in out_p:
-        torch.testing.assert_close(out_s[name], out_p[name])
-    assert set(grads_s) == set(grads_p) and len(grads_p) > 50
-    for name in grads_p:
-        torch.testing.assert_close(grads_s[name], grads_p[name], atol=1e-5, rtol=1e-4, msg=name)
-    for ours, padded in zip(outputs_s, outputs_p, strict=True):
-        torch.testing.assert_close(ours, padded, atol=1e-5, rtol=1e-4)
+    assert len(grads_p) > 50
+    for out_s, grads_s, outputs_s in results.values():
+        for name in out_p:
+            torch.testing.assert_close(out_s[name], out_p[name])
+        assert set(grads_s) == set(grads_p)
+        for name in grads_p:
+            torch.testing.assert_close(grads_s[name], grads_p[name], atol=1e-5, rtol=1e-4, msg=name)
+        for ours, padded in zip(outputs_s, outputs_p, strict=True):
+            torch.testing.assert_close(ours, padded, atol=1e-5, rtol=1e-4)
 
     seen = []
     ffn = med.text_encoder.encoder.layer[0].intermediate.dense

@@ -1,19 +1,26 @@
-"""Text layers on real tokens only vs on the padded batch: seconds per training step, side by side.
+"""Training steps before and after the CPU speed-ups of the training step, side by side.
 
-The text transformer's per-token work (projections, FFN, LayerNorms) skips padding by default
-(:class:`model.med.PaddedRows`; ``TextModel.skip_padding``); attention still sees the (B, L)
-layout. This script re-runs the trainings of a finished bootstrap run (each step's own
+Three switches, all exact or at float rounding (each on by default):
+
+- ``TextModel.skip_padding``: the text layers' per-token work (projections, FFN, LayerNorms) runs
+  on real tokens only (:class:`model.med.PaddedRows`); attention still sees the (B, L) layout;
+- ``MED.share_image_context``: training's ITM and LM read one cross-attention key/value projection
+  of the batch's images per text layer, instead of one per ITM row and again for the decoder;
+- ``Trainer.fused_optimizer``: AdamW as one fused kernel, not torch's CPU default (a Python loop
+  over the tensors).
+
+This script re-runs the trainings of a finished bootstrap run (each step's own
 ``bootstrap-train.yaml``: MED_0's pre-training, the captioner, the filter, MED_1) for ``--steps``
-steps with the switch on and off, alternating, ``--repeats`` times each, in this process with
-``--threads`` threads (the bootstrap gives a training alone both cores), and prints:
+steps with all three off ("before") and on ("now"), alternating, ``--repeats`` times each, in this
+process with ``--threads`` threads (the bootstrap gives a training alone both cores), and prints:
 
-- the share of the text encoder's and decoder's token slots that are real tokens (the rest is padding);
-- seconds per step, median over repeats, of steps 5..N (the first steps warm up), both ways;
+- the share of the text transformer's token slots that are real tokens (the rest is padding);
+- seconds per step, median over repeats of the median of steps 5..N (the first steps warm up);
 - the first logged losses both ways: the same up to float rounding for the fine-tunes and for a
   pre-training of a saved tokenizer; a pre-training from scratch (MED_0) differs between any two
   runs in the third decimal, either way (it is not seeded bit for bit: ``deterministic: false``).
 
-    python benchmarks/unpad_text.py runs/bootstrap --steps 40 --repeats 2
+    python benchmarks/train_speed.py runs/bootstrap --steps 40 --repeats 2
 
 Nothing of the run is changed: the trainings write into a temporary directory.
 """
@@ -94,24 +101,33 @@ class TokenCount:
         TextModel.forward = self.original  # type: ignore[method-assign]
 
 
-def time_training(kind: str, cfg: Any, skip_padding: bool) -> tuple[float, dict[str, float]]:
-    """Median seconds per step after the warm-up, and the first logged losses."""
-    from capfilt.train import train_model
-    from model.med import TextModel
+ARMS = ("before", "now")
 
+
+def time_training(kind: str, cfg: Any, arm: str) -> tuple[float, dict[str, float]]:
+    """Median seconds per step after the warm-up with the speed-ups off ("before") or on ("now"),
+    and the first logged losses."""
+    from capfilt.train import train_model
+    from model.med import MED, TextModel
+    from model.train import Trainer
+
+    switches = ((TextModel, "skip_padding"), (MED, "share_image_context"), (Trainer, "fused_optimizer"))
     stamps: list[float] = []
-    TextModel.skip_padding = skip_padding
+    for owner, name in switches:
+        setattr(owner, name, arm == "now")
     try:
         train_model(kind, cfg, on_step=lambda step: stamps.append(time.perf_counter()))
     finally:
-        TextModel.skip_padding = True
+        for owner, name in switches:
+            setattr(owner, name, True)
     per_step = [b - a for a, b in itertools.pairwise(stamps[WARMUP:])]
     first = json.loads((Path(cfg.output.dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[0])
     return statistics.median(per_step), {k: v for k, v in first.items() if k.startswith("loss")}
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """Prints the table; returns one row per training: step, real-token share, both timings, first losses."""
+    """Prints the table; returns one row per training: step, real-token share, both arms' seconds
+    per step and first losses."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="A finished `capfilt bootstrap` run directory.")
     parser.add_argument("--steps", type=int, default=40)
@@ -132,32 +148,32 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             for kind, step in TRAININGS:
                 if (wanted is not None and step not in wanted) or not (args.run / step / "bootstrap-train.yaml").is_file():
                     continue
-                times: dict[bool, list[float]] = {True: [], False: []}
-                losses: dict[bool, dict[str, float]] = {}
+                times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+                losses: dict[str, dict[str, float]] = {}
                 counter.real = counter.slots = 0
                 for repeat in range(args.repeats):
-                    for skip in (False, True):
-                        out = Path(tmp) / f"{step.replace('/', '-')}-{skip}-{repeat}"
+                    for arm in ARMS:
+                        out = Path(tmp) / f"{step.replace('/', '-')}-{arm}-{repeat}"
                         cfg = step_config(args.run, step, out, args.steps)
-                        seconds, losses[skip] = time_training(kind, cfg, skip)
-                        times[skip].append(seconds)
-                        print(f"{step} skip_padding={skip} repeat {repeat}: {seconds:.3f} s/step", flush=True)
+                        seconds, losses[arm] = time_training(kind, cfg, arm)
+                        times[arm].append(seconds)
+                        print(f"{step} {arm} repeat {repeat}: {seconds:.3f} s/step", flush=True)
                 rows.append({
                     "step": step, "real_share": counter.real / max(counter.slots, 1),
-                    "padded_s": statistics.median(times[False]), "skipping_s": statistics.median(times[True]),
-                    "losses_padded": losses[False], "losses_skipping": losses[True],
+                    **{f"{arm}_s": statistics.median(times[arm]) for arm in ARMS},
+                    **{f"losses_{arm}": losses[arm] for arm in ARMS},
                 })  # fmt: skip
     finally:
         counter.remove()
-    print(f"\n{'training':<20} {'real tokens':>11} {'padded s/step':>14} {'skipping s/step':>16} {'saved':>7}")
+    print(f"\n{'training':<20} {'real tokens':>11} {'before s/step':>14} {'now s/step':>11} {'saved':>7}")
     for row in rows:
-        saved = 1 - row["skipping_s"] / row["padded_s"]
-        print(f"{row['step']:<20} {row['real_share']:>10.0%} {row['padded_s']:>14.3f} {row['skipping_s']:>16.3f} "
+        saved = 1 - row["now_s"] / row["before_s"]
+        print(f"{row['step']:<20} {row['real_share']:>10.0%} {row['before_s']:>14.3f} {row['now_s']:>11.3f} "
               f"{saved:>7.1%}")  # fmt: skip
     print(f"({args.steps} steps, median of steps {WARMUP}..{args.steps} and of {args.repeats} repeats, "
           f"{args.threads} threads)")  # fmt: skip
     for row in rows:
-        print(f"{row['step']} first losses: padded {row['losses_padded']} | skipping {row['losses_skipping']}")
+        print(f"{row['step']} first losses: before {row['losses_before']} | now {row['losses_now']}")
     return rows
 
 
