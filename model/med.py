@@ -396,7 +396,9 @@ class ImageContext:
             remap[used] = torch.arange(used.numel(), device=row_image.device)
             row_image = remap[row_image]
             kv = [(k.index_select(0, used), v.index_select(0, used)) for k, v in kv]
-        return ImageContext(kv=kv, row_image=row_image, row_slot=row_slot, group=self.group, packed=False)
+        return ImageContext(
+            kv=kv, row_image=row_image, row_slot=row_slot, group=self.group, packed=False, per_row=self.per_row
+        )
 
     def one_row_per_image(self) -> ImageContext:
         """The same keys and values, read by one row per image in image order."""
