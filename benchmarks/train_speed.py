@@ -16,9 +16,10 @@ process with ``--threads`` threads (the bootstrap gives a training alone both co
 
 - the share of the text transformer's token slots that are real tokens (the rest is padding);
 - seconds per step, median over repeats of the median of steps 5..N (the first steps warm up);
-- the first logged losses both ways: the same up to float rounding for the fine-tunes and for a
-  pre-training of a saved tokenizer; a pre-training from scratch (MED_0) differs between any two
-  runs in the third decimal, either way (it is not seeded bit for bit: ``deterministic: false``).
+- the first logged losses both ways: the same for the fine-tunes (they start from a saved model);
+  the pre-trainings from scratch differ between any two runs in the third decimal, either arm,
+  two runs of one arm included (not traced: building a model from scratch, its tokenizer
+  included, is not bit-reproducible run to run).
 
     python benchmarks/train_speed.py runs/bootstrap --steps 40 --repeats 2
 
